@@ -1,0 +1,69 @@
+"""Checkpoints that are never half-written and load without running pickled code.
+
+Writes go to a temporary file in the target folder, then ``os.replace`` moves it into place (atomic on
+POSIX and Windows). Reads use ``torch.load(..., weights_only=True)``, so a checkpoint holds only tensors
+and plain Python containers; each carries a ``config`` dict that says what model it belongs to, and
+:func:`load_checkpoint` compares it with what the caller expects.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+
+def save_checkpoint(obj: Mapping, path: str | os.PathLike) -> Path:
+    """Write ``obj`` (a dict of tensors and plain values) to ``path`` atomically; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    expect: Mapping | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Args:
+        path: the file.
+        expect: entries that ``checkpoint["config"]`` must match (e.g. architecture, image size);
+            a mismatch raises ``ValueError`` naming every differing key.
+        map_location: where tensors land.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first or check the path")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise ValueError(f"{path} is not a nemu checkpoint (no 'config' entry)")
+    if expect:
+        config = ckpt["config"]
+        diff = {k: (config.get(k), v) for k, v in expect.items() if _normalise(config.get(k)) != _normalise(v)}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint has {have!r}, expected {want!r}" for k, (have, want) in diff.items())
+            raise ValueError(
+                f"checkpoint {path} was built for another model ({lines}); "
+                "build the model with the checkpoint's config or delete the file to retrain"
+            )
+    return ckpt
+
+
+def _normalise(value: object) -> object:
+    """Tuples and lists compare equal (torch.save keeps tuples, but configs may come from JSON)."""
+    return list(value) if isinstance(value, tuple | list) else value

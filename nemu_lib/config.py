@@ -1,0 +1,150 @@
+"""Profiles, device choice, seeding and paths.
+
+A *profile* fixes sizes only (image size, data set sizes, epochs, batch sizes); what to explain is chosen
+separately (data set, encoder). Three profiles exist:
+
+- ``smoke``: the test suite; seconds per notebook, tiny sizes, checks that the code paths run.
+- ``cpu``: a 2-core laptop; meaningful results in at most ~10 minutes per notebook.
+- ``gpu``: full size.
+
+The profile comes from the argument, else the ``NEMU_PROFILE`` environment variable, else ``gpu`` when
+CUDA is available and ``cpu`` otherwise. ``NEMU_DATA`` and ``NEMU_OUTPUTS`` move ``data/`` and
+``outputs/``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes for one profile. Every field has a comment: these are the knobs a reader may turn."""
+
+    name: str
+    image_size: int  # side of the square Shapes scenes, px (32-128)
+    n_train: int  # Shapes training scenes (SimCLR, supervised baseline, probe fitting)
+    n_val: int  # validation scenes (model selection, held-out losses)
+    n_test: int  # test scenes (probe accuracy, explanations)
+    encoder_widths: tuple[int, ...]  # channels of the small ResNet's four stages
+    batch_size: int  # SimCLR / supervised batch size (SimCLR sees 2x this many views)
+    ssl_epochs: int  # SimCLR pretraining epochs
+    supervised_epochs: int  # epochs of the supervised (shape classification) baseline
+    lr: float  # AdamW learning rate for encoder training, cosine-decayed to 0
+    temperature: float  # NT-Xent temperature tau
+    knn_k: int  # neighbours in the k-NN probe
+    extra: dict = field(default_factory=dict)  # sizes added by later chapters, read with .get()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        image_size=32,
+        n_train=128,
+        n_val=32,
+        n_test=64,
+        encoder_widths=(8, 16, 32, 64),
+        batch_size=32,
+        ssl_epochs=1,
+        supervised_epochs=1,
+        lr=2e-3,
+        temperature=0.2,
+        knn_k=5,
+    ),
+    "cpu": Profile(
+        name="cpu",
+        image_size=64,
+        n_train=4000,
+        n_val=500,
+        n_test=1000,
+        encoder_widths=(32, 64, 128, 256),
+        batch_size=256,
+        ssl_epochs=12,
+        supervised_epochs=6,
+        lr=2e-3,
+        temperature=0.2,
+        knn_k=20,
+    ),
+    "gpu": Profile(
+        name="gpu",
+        image_size=64,
+        n_train=50_000,
+        n_val=2_000,
+        n_test=5_000,
+        encoder_widths=(64, 128, 256, 512),
+        batch_size=512,
+        ssl_epochs=100,
+        supervised_epochs=30,
+        lr=2e-3,
+        temperature=0.2,
+        knn_k=20,
+    ),
+}
+
+
+def default_profile_name() -> str:
+    """``NEMU_PROFILE`` if set, else ``gpu`` with CUDA, else ``cpu``."""
+    return os.environ.get("NEMU_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def get_profile(name: str | Profile | None = None) -> Profile:
+    """Return the profile called ``name`` (default: :func:`default_profile_name`).
+
+    >>> get_profile("smoke").image_size
+    32
+    """
+    if isinstance(name, Profile):
+        return name
+    name = default_profile_name() if name is None else name
+    if name not in PROFILES:
+        raise ValueError(
+            f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
+            "(set NEMU_PROFILE or pass profile=...)"
+        )
+    return PROFILES[name]
+
+
+def device(prefer: str | torch.device | None = None) -> torch.device:
+    """The device to compute on: ``prefer`` if given, else CUDA, else Apple MPS, else CPU."""
+    if prefer is not None:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int = 0) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); return a CPU ``torch.Generator`` seeded the same."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _dir(env: str, default: str) -> Path:
+    path = Path(os.environ.get(env) or REPO_ROOT / default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir() -> Path:
+    """Where data sets and downloaded weights land: ``$NEMU_DATA`` or ``data/``."""
+    return _dir("NEMU_DATA", "data")
+
+
+def outputs_dir() -> Path:
+    """Where checkpoints, figures and executed notebooks land: ``$NEMU_OUTPUTS`` or ``outputs/``."""
+    return _dir("NEMU_OUTPUTS", "outputs")
