@@ -1,0 +1,50 @@
+# nemu: set-up, run, test. `make run` and `make test` create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Pins for this machine live here, not in pyproject (Colab keeps its own torch).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+# glibc's allocator page-faults on large CPU batches; this keeps freed memory (see DESIGN.md).
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
+export MPLBACKEND ?= Agg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: setup run test lint lab clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The notebook series end to end (profile: NEMU_PROFILE, default cpu here) -> outputs/.
+run: setup
+	mkdir -p outputs/notebooks
+	set -e; for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  $(BIN)/papermill --kernel python3 --cwd notebooks $$nb outputs/notebooks/$$(basename $$nb); \
+	done
+	$(BIN)/python -m nemu_lib.results outputs
+
+# Unit tests, then every notebook in the smoke profile under nbval.
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest tests -q --durations=15
+	NEMU_PROFILE=smoke NEMU_OUTPUTS=$(CURDIR)/outputs/smoke $(BIN)/pytest --nbval-lax --nbval-current-env \
+	  -p no:cacheprovider -q --durations=10 $(NOTEBOOKS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/nbstripout --verify $(NOTEBOOKS)
+
+lab: setup
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf outputs/smoke .pytest_cache
