@@ -26,6 +26,9 @@ def save_checkpoint(obj: Mapping, path: str | os.PathLike) -> Path:
             torch.save(dict(obj), f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file torch.save's usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,7 +9,8 @@ separately (data set, encoder). Three profiles exist:
 
 The profile comes from the argument, else the ``NEMU_PROFILE`` environment variable, else ``gpu`` when
 CUDA is available and ``cpu`` otherwise. ``NEMU_DATA`` and ``NEMU_OUTPUTS`` move ``data/`` and
-``outputs/``.
+``outputs/`` (by default they sit in the checkout, or in the working directory when nemu is installed as a
+package).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_root() -> Path:
+    """The checkout (editable install) or, for an installed package (e.g. Colab), the working directory."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ def seed_everything(seed: int = 0) -> torch.Generator:
 
 
 def _dir(env: str, default: str) -> Path:
-    path = Path(os.environ.get(env) or REPO_ROOT / default)
+    path = Path(os.environ.get(env) or project_root() / default)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

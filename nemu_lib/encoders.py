@@ -164,7 +164,10 @@ class TorchvisionResNet(Encoder):
         model = getattr(torchvision.models, arch)(weights=None)
         if state_dict is not None:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-            missing, unexpected = model.load_state_dict(state_dict, strict=False)
+            try:
+                missing, unexpected = model.load_state_dict(state_dict, strict=False)
+            except RuntimeError as err:  # shape mismatches: weights of another architecture
+                raise ValueError(f"weights do not fit {arch}: {err}") from err
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:
                 raise ValueError(f"weights do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -35,7 +35,7 @@ from .encoders import Encoder, build_encoder
 
 # ----------------------------------------------------------------------------------- augmentations
 
-_GRAY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+_GRAY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma; torchvision uses 0.2989 for red (<= 1e-4 apart)
 
 
 class SimCLRAugment(nn.Module):
@@ -75,14 +75,29 @@ class SimCLRAugment(nn.Module):
         self.register_buffer("mean", torch.tensor(mean)[:, None, None], persistent=False)
         self.register_buffer("std", torch.tensor(std)[:, None, None], persistent=False)
 
-    def crop_boxes(self, b: int, h: int, w: int, device: torch.device) -> Tensor:
-        """Boxes ``(B, 5)`` = (index, x1, y1, x2, y2): area share ~ U(scale), log aspect ~ U(log 3/4, log 4/3)."""
-        area = torch.empty(b, device=device).uniform_(*self.scale) * h * w
-        log_ratio = torch.empty(b, device=device).uniform_(math.log(3 / 4), math.log(4 / 3))
-        cw = torch.sqrt(area * log_ratio.exp()).clamp(1, w)
-        ch = torch.sqrt(area / log_ratio.exp()).clamp(1, h)
-        x1 = torch.rand(b, device=device) * (w - cw)
-        y1 = torch.rand(b, device=device) * (h - ch)
+    def crop_boxes(self, b: int, h: int, w: int, device: torch.device, tries: int = 10) -> Tensor:
+        """Boxes ``(B, 5)`` = (index, x1, y1, x2, y2), drawn as torchvision's RandomResizedCrop does.
+
+        Up to ``tries`` draws of area share ~ U(scale) and log aspect ~ U(log 3/4, log 4/3) per image; the
+        first that fits inside the image is kept; if none fits, the largest centred crop with the aspect
+        clamped to [3/4, 4/3] (the whole image when its own aspect is in range).
+        """
+        area = torch.empty(b, tries, device=device).uniform_(*self.scale) * h * w
+        ratio = torch.empty(b, tries, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
+        cw, ch = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+        ok = (cw <= w) & (ch <= h)
+        first = ok.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits (0 if none)
+        cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+        fallback = ~ok.any(1)
+        fw, fh = float(w), float(h)
+        if w / h < 3 / 4:
+            fh = w / (3 / 4)
+        elif w / h > 4 / 3:
+            fw = h * (4 / 3)
+        cw = torch.where(fallback, torch.full_like(cw, fw), cw).clamp(1, w)
+        ch = torch.where(fallback, torch.full_like(ch, fh), ch).clamp(1, h)
+        u = torch.where(fallback[:, None], torch.full((b, 2), 0.5, device=device), torch.rand(b, 2, device=device))
+        x1, y1 = u[:, 0] * (w - cw), u[:, 1] * (h - ch)
         idx = torch.arange(b, device=device, dtype=torch.float32)
         return torch.stack([idx, x1, y1, x1 + cw, y1 + ch], dim=1)
 
@@ -128,7 +143,8 @@ class SimCLRAugment(nn.Module):
         """Images ``(B, 3, H, W)`` in [0, 1] -> normalised views ``(B, 3, S, S)``."""
         b, _, h, w = images.shape
         s, dev = self.image_size, images.device
-        out = roi_align(images, self.crop_boxes(b, h, w, dev), (s, s), aligned=True)  # (B, 3, S, S)
+        boxes = self.crop_boxes(b, h, w, dev).to(images.dtype)  # roi_align wants boxes of the images dtype
+        out = roi_align(images, boxes, (s, s), aligned=True)  # (B, 3, S, S)
         flip = torch.rand(b, device=dev) < 0.5
         out[flip] = out[flip].flip(-1)
         m, t = self.colour_maps(out)
@@ -216,6 +232,8 @@ def fit(
     and NT-Xent want full batches). On CUDA the forward runs under bf16 autocast. Returns the loss of
     every step; ``callback(step, loss)`` sees them live.
     """
+    if n < 1 or batch_size < 1 or epochs < 1:
+        raise ValueError(f"nothing to train: {n} samples, batch size {batch_size}, {epochs} epochs")
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
     total = epochs * steps_per_epoch
