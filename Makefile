@@ -9,7 +9,6 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 # glibc's allocator page-faults on large CPU batches; this keeps freed memory (see DESIGN.md).
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
-export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: setup run test lint lab clean

@@ -10,30 +10,39 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import IO
 
 import torch
 
 
-def save_checkpoint(obj: Mapping, path: str | os.PathLike) -> Path:
-    """Write ``obj`` (a dict of tensors and plain values) to ``path`` atomically; return the path."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place atomically.
+
+    A failure leaves any earlier file at ``path`` untouched and no temporary file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(dict(obj), f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file torch.save's usual mode
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(obj: Mapping, path: str | os.PathLike) -> Path:
+    """Write ``obj`` (a dict of tensors and plain values) to ``path`` atomically; return the path."""
+    return atomic_write(path, lambda f: torch.save(dict(obj), f))
 
 
 def load_checkpoint(
@@ -68,5 +77,9 @@ def load_checkpoint(
 
 
 def _normalise(value: object) -> object:
-    """Tuples and lists compare equal (torch.save keeps tuples, but configs may come from JSON)."""
-    return list(value) if isinstance(value, tuple | list) else value
+    """Tuples and lists compare equal at any depth (torch.save keeps tuples; configs may come from JSON)."""
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_normalise(v) for v in value]
+    return value

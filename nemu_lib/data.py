@@ -13,6 +13,7 @@ set's mean and std), so that a masked-out pixel (value 0 after normalisation) eq
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -260,6 +261,22 @@ class ShapesScenes(torch.utils.data.Dataset):
         """Every sample at once: a dict of tensors with a leading dimension ``len(self)``."""
         items = [self[i] for i in tqdm(range(len(self)), desc=f"Shapes {self.split}", disable=not progress)]
         return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+@functools.lru_cache(maxsize=4)
+def _rendered(split: str, size: int, image_size: int, seed: int) -> dict[str, Tensor]:
+    return ShapesScenes(split, size, image_size, seed).stack()
+
+
+def load_split(split: str, profile: str | Profile | None = None, seed: int = 0) -> dict[str, Tensor]:
+    """The stacked split of a profile (:meth:`ShapesScenes.stack`), rendered once per process.
+
+    The last four splits asked for are kept in memory and shared between callers: treat them as
+    read-only (copy before modifying in place).
+    """
+    p = get_profile(profile)
+    ds = ShapesScenes.from_profile(split, p, seed)
+    return _rendered(split, ds.size, ds.image_size, seed)
 
 
 def normalize(images: Tensor, mean=SHAPES_MEAN, std=SHAPES_STD) -> Tensor:

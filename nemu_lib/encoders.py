@@ -17,7 +17,9 @@ ResNet-50 weights (torchvision supervised, DINO: Caron et al. ICCV 2021, SwAV: C
 from __future__ import annotations
 
 import urllib.error
+import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torchvision
@@ -26,7 +28,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from .checks import check_images
 from .config import data_dir
-from .data import SHAPES_MEAN, SHAPES_STD
+from .data import SHAPES_MEAN, SHAPES_STD, _online
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -224,15 +226,22 @@ def load_pretrained(name: str, progress: bool = True) -> TorchvisionResNet:
         raise ValueError(f"unknown pretrained encoder {name!r}: choose one of {sorted(PRETRAINED)}")
     arch, url = PRETRAINED[name]
     folder = data_dir() / "weights"
+    host = urllib.parse.urlparse(url).hostname
+
+    def unavailable(reason: str) -> WeightsUnavailableError:
+        return WeightsUnavailableError(
+            f"{name} weights are not in {folder} and {reason}. They need internet once; or download {url} "
+            f"elsewhere and place it in {folder}. Offline, use the Shapes encoders trained in notebook 01 "
+            "(nemu_lib.ssl.pretrained_encoder)."
+        )
+
+    if not (folder / Path(urllib.parse.urlparse(url).path).name).exists() and not _online(host):
+        raise unavailable(f"{host} cannot be reached (offline?)")
     try:
         state = torch.hub.load_state_dict_from_url(url, model_dir=str(folder), map_location="cpu",
                                                    progress=progress, weights_only=True)
     except (urllib.error.URLError, OSError, ConnectionError) as err:
-        raise WeightsUnavailableError(
-            f"{name} weights are not in {folder} and could not be downloaded ({err}). They need internet "
-            f"once; or download {url} elsewhere and place it in {folder}. Offline, use the Shapes encoders "
-            "trained in notebook 01 (nemu_lib.ssl.pretrained_encoder)."
-        ) from err
+        raise unavailable(f"could not be downloaded ({err})") from err
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("projection_head.", "prototypes."))}

@@ -7,24 +7,18 @@ atomically. ``python -m nemu_lib.results`` writes ``outputs/RESULTS.md``: one ta
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .config import outputs_dir
 
 
 def record(name: str, values: dict, profile: str | None = None) -> Path:
     """Save ``values`` (JSON-serialisable numbers and strings) as the results of ``name``."""
-    folder = outputs_dir() / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
+    path = outputs_dir() / "results" / f"{name}.json"
     payload = {"name": name, "profile": profile, "values": values}
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=float)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2, default=float).encode()))
     return path
 
 

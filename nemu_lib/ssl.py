@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Profile, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
-from .data import SHAPES, ShapesScenes
+from .data import SHAPES, load_split
 from .encoders import Encoder, build_encoder
 
 # ----------------------------------------------------------------------------------- augmentations
@@ -293,8 +293,9 @@ def train_simclr(
 
     def loss_fn(idx: Tensor) -> Tensor:
         batch = images[idx].to(dev, non_blocking=True)
-        p1, p2 = model["g"](model["f"](augment(batch))), model["g"](model["f"](augment(batch)))
-        return nt_xent(p1.float(), p2.float(), temperature)
+        views = torch.cat([augment(batch), augment(batch)])  # (2N, 3, S, S): one pass for both views
+        p1, p2 = model["g"](model["f"](views)).float().chunk(2)
+        return nt_xent(p1, p2, temperature)
 
     return fit(model, loss_fn, len(images), epochs, batch_size, lr, seed=seed, desc="SimCLR",
                progress=progress, callback=callback)
@@ -347,10 +348,12 @@ def linear_probe(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tenso
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=seed))
-    clf.fit(z_train.numpy(), y_train.numpy())
-    return float(clf.score(z_test.numpy(), y_test.numpy()))
+    with threadpool_limits(1, user_api="blas"):  # BLAS threads fighting torch's made it 40x slower
+        clf.fit(z_train.numpy(), y_train.numpy())
+        return float(clf.score(z_test.numpy(), y_test.numpy()))
 
 
 def knn_accuracy(
@@ -366,16 +369,26 @@ def knn_accuracy(
 # ---------------------------------------------------------------------------------- trained encoders
 
 ENCODER_KINDS = ("simclr", "supervised", "random")
+TRAINING_VERSION = 2  # bump when the training recipe changes, so saved encoders are retrained
 
 
 def encoder_path(kind: str, profile: Profile, seed: int = 0) -> Path:
     return outputs_dir() / "encoders" / f"{kind}-{profile.name}-seed{seed}.pt"
 
 
-def load_encoder(path: str | Path, image_size: int | None = None, encoder_config: dict | None = None) -> Encoder:
-    """Rebuild an encoder from a checkpoint of :func:`pretrained_encoder`, checking what it was built for."""
-    expect = {k: v for k, v in {"image_size": image_size, "encoder": encoder_config}.items() if v is not None}
-    ckpt = load_checkpoint(path, expect=expect)
+def load_encoder(
+    path: str | Path,
+    image_size: int | None = None,
+    encoder_config: dict | None = None,
+    training: dict | None = None,
+) -> Encoder:
+    """Rebuild an encoder from a checkpoint of :func:`pretrained_encoder`, checking what it was built for.
+
+    Any of ``image_size``, ``encoder_config`` (architecture) and ``training`` (the settings it was trained
+    with) that is given must match the checkpoint, else ``ValueError`` names the differences.
+    """
+    expect = {"image_size": image_size, "encoder": encoder_config, "training": training}
+    ckpt = load_checkpoint(path, expect={k: v for k, v in expect.items() if v is not None})
     encoder = build_encoder(**ckpt["config"]["encoder"])
     encoder.load_state_dict(ckpt["state_dict"])
     encoder.history = ckpt.get("history", [])
@@ -405,15 +418,24 @@ def pretrained_encoder(
     path = encoder_path(kind, p, seed)
     seed_everything(seed)
     encoder = build_encoder("small_resnet", widths=p.encoder_widths)
-    config = {"kind": kind, "profile": p.name, "image_size": p.image_size, "seed": seed, "encoder": encoder.config}
+    epochs = {"simclr": p.ssl_epochs, "supervised": p.supervised_epochs, "random": 0}[kind]
+    training = {"n_train": p.n_train, "epochs": epochs, "batch_size": p.batch_size, "lr": p.lr,
+                "temperature": p.temperature if kind == "simclr" else None, "mean": list(encoder.mean),
+                "std": list(encoder.std), "version": TRAINING_VERSION}
+    config = {"kind": kind, "profile": p.name, "image_size": p.image_size, "seed": seed,
+              "encoder": encoder.config, "training": training}
     if path.exists() and not retrain:
-        return load_encoder(path, image_size=p.image_size, encoder_config=encoder.config).to(dev)
+        try:
+            return load_encoder(path, image_size=p.image_size, encoder_config=encoder.config,
+                                training=training).to(dev)
+        except ValueError as err:  # trained with other settings: say so, then retrain
+            print(f"retraining {kind}: {err}")
     encoder = encoder.to(dev)
     history: list[float] = []
     if kind != "random":
-        data = ShapesScenes.from_profile("train", p, seed=seed).stack(progress=progress)
-        common = dict(epochs=p.ssl_epochs if kind == "simclr" else p.supervised_epochs, batch_size=p.batch_size,
-                      lr=p.lr, seed=seed, progress=progress, callback=callback)
+        data = load_split("train", p)  # the fixed data stream; ``seed`` varies initialisation and order
+        common = dict(epochs=epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, progress=progress,
+                      callback=callback)
         if kind == "simclr":
             history = train_simclr(encoder, data["image"], temperature=p.temperature, **common)
         else:

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
+import nemu_lib.encoders
 from nemu_lib import encoders
 from nemu_lib.encoders import (
     ENCODERS,
@@ -238,8 +239,24 @@ def test_load_pretrained_unknown():
         assert name in str(info.value)
 
 
-def test_load_pretrained_offline(monkeypatch, tmp_path, no_network):
+def test_load_pretrained_unreachable_host_fails_fast(monkeypatch, tmp_path, no_network):
+    """Offline (the host does not answer): a clear error before any download is tried."""
     monkeypatch.setenv("NEMU_DATA", str(tmp_path))
+    monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: False)
+    calls = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: calls.append(a))
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_pretrained("resnet50-swav", progress=False)
+    message = str(info.value)
+    assert "dl.fbaipublicfiles.com cannot be reached" in message
+    assert str(tmp_path / "weights") in message and "internet" in message
+    assert calls == []
+
+
+def test_load_pretrained_offline(monkeypatch, tmp_path, no_network):
+    """The host answers but the download fails: the cause is kept and named."""
+    monkeypatch.setenv("NEMU_DATA", str(tmp_path))
+    monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: True)
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no route to host")
@@ -274,6 +291,7 @@ def test_load_pretrained_uses_cached_file(monkeypatch, tmp_path, no_network):
 
 
 def _fake_hub(monkeypatch, state, seen):
+    monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: True)
     def load(url, model_dir=None, map_location=None, progress=True, weights_only=False, **kwargs):
         seen.append({"url": url, "model_dir": model_dir, "weights_only": weights_only})
         return state

@@ -669,8 +669,11 @@ def test_random_encoder_saved_and_loaded(outputs):
     assert enc.config["widths"] == list(smoke.encoder_widths)
     # the file is plain data: loads without unpickling code
     ckpt = torch.load(path, weights_only=True)
+    training = ckpt["config"].pop("training")
     assert ckpt["config"] == {"kind": "random", "profile": "smoke", "image_size": 32, "seed": 0,
                               "encoder": enc.config}
+    assert training["epochs"] == 0 and training["n_train"] == smoke.n_train
+    assert training["mean"] == list(enc.mean) and training["version"] == ssl.TRAINING_VERSION
     assert ckpt["classes"] == list(SHAPES) and ckpt["history"] == []
     loaded = load_encoder(path)
     assert _state_equal(loaded, enc) and not loaded.training
@@ -694,10 +697,14 @@ def test_load_encoder_checks_config(outputs):
         load_encoder(path, image_size=64)
     with pytest.raises(ValueError, match="encoder"):
         load_encoder(path, encoder_config={**config, "widths": [4, 8, 8, 8]})
-    # a profile that changed its widths under the same name finds the old file: a clear error, no silent load
+    # a profile that changed its widths or training settings under the same name finds the old file:
+    # it says why and retrains instead of loading a stale encoder
     changed = dataclasses.replace(get_profile("smoke"), encoder_widths=(4, 8, 8, 8))
-    with pytest.raises(ValueError, match="delete the file"):
-        pretrained_encoder("random", changed, device="cpu", progress=False)
+    rebuilt = pretrained_encoder("random", changed, device="cpu", progress=False)
+    assert rebuilt.config["widths"] == [4, 8, 8, 8]
+    assert torch.load(path, weights_only=True)["config"]["encoder"]["widths"] == [4, 8, 8, 8]
+    pretrained_encoder("random", dataclasses.replace(changed, lr=1.0), device="cpu", progress=False)
+    assert torch.load(path, weights_only=True)["config"]["training"]["lr"] == 1.0
     with pytest.raises(FileNotFoundError):
         load_encoder(path.with_name("missing.pt"))
 
