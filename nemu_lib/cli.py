@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from .config import PROFILES
+from . import ssl
+from .config import PROFILES, get_profile
 
 
 def _profiles(args: argparse.Namespace) -> None:
@@ -20,14 +21,11 @@ def _profiles(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from .config import get_profile
-    from .ssl import ENCODER_KINDS, encoder_path, pretrained_encoder
-
     profile = get_profile(args.profile)
-    kinds = ENCODER_KINDS if args.kind == "all" else (args.kind,)
+    kinds = ssl.ENCODER_KINDS if args.kind == "all" else (args.kind,)
     for kind in kinds:
-        pretrained_encoder(kind, profile, seed=args.seed, device=args.device, retrain=args.retrain)
-        print(f"{kind}: {encoder_path(kind, profile, args.seed)}")
+        ssl.pretrained_encoder(kind, profile, seed=args.seed, device=args.device, retrain=args.retrain)
+        print(f"{kind}: {ssl.encoder_path(kind, profile, args.seed)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("profiles", help="print the profiles' sizes").set_defaults(func=_profiles)
     pre = sub.add_parser("pretrain", help="train (or load) a Shapes encoder: simclr, supervised, random")
-    pre.add_argument("--kind", default="simclr", choices=["simclr", "supervised", "random", "all"])
+    pre.add_argument("--kind", default="simclr", choices=[*ssl.ENCODER_KINDS, "all"])
     pre.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: NEMU_PROFILE or hardware")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
