@@ -67,6 +67,7 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=5,
+        extra={"relax_masks": 300, "relax_images": 4},
     ),
     "cpu": Profile(
         name="cpu",
@@ -81,6 +82,7 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=20,
+        extra={"relax_masks": 3000, "relax_images": 8},
     ),
     "gpu": Profile(
         name="gpu",
@@ -95,6 +97,7 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=20,
+        extra={"relax_masks": 3000, "relax_images": 32},
     ),
 }
 
