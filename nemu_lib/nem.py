@@ -1,0 +1,240 @@
+"""NEM-U: a U-net masking network on a frozen encoder (Møller et al., "Finding NEM-U", ICML 2024).
+
+The frozen encoder f is the contracting path of a U-net; a trained decoder turns its intermediate maps
+(skip connections) into an occlusion mask m ∈ [0, 1]^{H×W}, so one forward pass gives the representation
+*and* its explanation::
+
+    model = NEMU(encoder)
+    z, m = model(x)           # z (B, D) == encoder(x) exactly; m (B, 1, H, W)
+
+Only the decoder is trained, with one of three objectives (d(a, b) = (1 − cos(a, b)) / 2):
+
+- ``nem`` (the authors' published NEM code):      L = α · d(f(x), f(x ⊙ m)) + β · mean(m)      (α = 4, β = 0.5)
+- ``nem-contrastive`` (keep what matters, and make the rest unlike it):
+      L = β · mean(m) + α · d_keep − d(f(x ⊙ m), f(x ⊙ (1 − m))) · (d_keep + ε),  d_keep = d(f(x), f(x ⊙ m))
+- ``relax`` (amortised RELAX, beyond the paper): K random RELAX masks M_k per image with similarities
+  s_k = cos(f(x), f(x ⊙ M_k)); the importance head e minimises Σ_k Σ_ij M_k,ij (e_ij − s_k)² / Σ M, whose
+  minimiser is RELAX's importance Σ M s / Σ M (Wickstrøm et al., IJCV 2023, Eq. 3); a second head predicts
+  a log-variance ℓ with the Gaussian negative log-likelihood Σ M ((s − sg(e))² e^{−ℓ} + ℓ) / Σ M, whose
+  minimiser e^ℓ = Σ M (s − e)² / Σ M is RELAX's uncertainty — one-pass importance *and* uncertainty.
+
+Masks multiply the *normalised* image: a removed pixel becomes 0, the data set mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoders import Encoder
+from .masks import relax_masks
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm: unlike BatchNorm it does not depend on the batch, so DDP equals one process."""
+    return nn.GroupNorm(8 if channels % 8 == 0 else 1, channels)
+
+
+class DecoderBlock(nn.Sequential):
+    """Two conv3x3 + GroupNorm + ReLU, after the ×2 upsampling and the skip concatenation."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True),
+        )
+
+
+class UNetDecoder(nn.Module):
+    """The expanding path: from the coarsest map up through every skip to the input resolution.
+
+    Args:
+        feature_channels: channels of the encoder's maps, fine to coarse.
+        out_channels: output maps (1: a mask; 2: importance and log-variance).
+        max_width: cap on the decoder's channels per level (``min(skip channels, max_width)``, at least 8).
+    """
+
+    def __init__(self, feature_channels: tuple[int, ...], out_channels: int = 1, max_width: int = 256) -> None:
+        super().__init__()
+        widths = [max(8, min(c, max_width)) for c in feature_channels]
+        self.bottleneck = nn.Sequential(nn.Conv2d(feature_channels[-1], widths[-1], 1, bias=False),
+                                        _norm(widths[-1]), nn.ReLU(inplace=True))
+        # blocks[i] fuses level i + 1 (upsampled) with skip i, coarse to fine
+        self.blocks = nn.ModuleList(
+            DecoderBlock(widths[i + 1] + feature_channels[i], widths[i]) for i in range(len(widths) - 1)
+        )
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, maps: list[Tensor], size: tuple[int, int]) -> Tensor:
+        h = self.bottleneck(maps[-1])  # (B, w_L, H / s_L, W / s_L)
+        for i in reversed(range(len(self.blocks))):
+            skip = maps[i]
+            # ×2 in general; sizing to the skip makes odd and non-square inputs work
+            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            h = self.blocks[i](torch.cat([h, skip], dim=1))  # (B, w_i, H / s_i, W / s_i)
+        if h.shape[-2:] != size:  # the finest tap has stride > 1 (torchvision ResNets: 2)
+            h = F.interpolate(h, size=size, mode="bilinear", align_corners=False)
+        return self.head(h)  # (B, out_channels, H, W) logits
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """A short hash of the encoder's weights and buffers: tells a SimCLR encoder from a supervised one."""
+    digest = hashlib.sha256()
+    for name, t in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class NEMU(nn.Module):
+    """A frozen encoder with a trainable U-net decoder: ``(z, m) = NEMU(encoder)(x)`` in one pass.
+
+    Args:
+        encoder: any :class:`nemu_lib.encoders.Encoder`; frozen (no gradients) and kept in eval mode.
+        uncertainty: add the second head (log-variance) of the amortised-RELAX objective.
+        max_width: the decoder's channel cap per level.
+    """
+
+    def __init__(self, encoder: Encoder, uncertainty: bool = False, max_width: int = 256) -> None:
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.uncertainty = uncertainty
+        self.max_width = max_width
+        self.decoder = UNetDecoder(encoder.feature_channels, 2 if uncertainty else 1, max_width)
+
+    @property
+    def config(self) -> dict:
+        """What a checkpoint must match: the encoder's architecture and weights, the decoder's shape."""
+        return {"encoder": self.encoder.config, "encoder_fingerprint": encoder_fingerprint(self.encoder),
+                "uncertainty": self.uncertainty, "max_width": self.max_width}
+
+    def train(self, mode: bool = True) -> NEMU:
+        super().train(mode)
+        self.encoder.eval()  # BatchNorm statistics of the encoder never change
+        return self
+
+    def logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z (B, D), logits (B, 1 or 2, H, W))`` from one pass of the encoder."""
+        z, maps = self.encoder.forward_features(x)
+        return z, self.decoder(maps, (x.shape[-2], x.shape[-1]))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z (B, D), m (B, 1, H, W))``: the representation and its mask (1 = the pixel matters)."""
+        z, logits = self.logits(x)
+        return z, torch.sigmoid(logits[:, :1])
+
+    def explain(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(z, m, u)``: ``u (B, 1, H, W)`` the predicted RELAX uncertainty (``None`` without that head)."""
+        z, logits = self.logits(x)
+        u = logits[:, 1:2].exp() if self.uncertainty else None
+        return z, torch.sigmoid(logits[:, :1]), u
+
+
+# ---------------------------------------------------------------------------------------- objectives
+
+def cos_distance(a: Tensor, b: Tensor) -> Tensor:
+    """d(a, b) = (1 − cos(a, b)) / 2 ∈ [0, 1], per row ``(B,)``."""
+    return (1 - F.cosine_similarity(a, b, dim=1)) / 2
+
+
+def nem_loss(z: Tensor, z_keep: Tensor, m: Tensor, alpha: float = 4.0, beta: float = 0.5) -> Tensor:
+    """L = α · d(f(x), f(x ⊙ m)) + β · mean(m), averaged over the batch."""
+    return (alpha * cos_distance(z, z_keep) + beta * m.flatten(1).mean(1)).mean()
+
+
+def nem_contrastive_loss(
+    z: Tensor, z_keep: Tensor, z_drop: Tensor, m: Tensor, alpha: float = 4.0, beta: float = 0.5, eps: float = 0.01
+) -> Tensor:
+    """L = β · mean(m) + α · d_keep − d(f(x ⊙ m), f(x ⊙ (1 − m))) · (d_keep + ε), averaged over the batch."""
+    d_keep = cos_distance(z, z_keep)
+    return (beta * m.flatten(1).mean(1) + alpha * d_keep - cos_distance(z_keep, z_drop) * (d_keep + eps)).mean()
+
+
+def amortised_relax_loss(e: Tensor, log_var: Tensor | None, masks: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted regression onto RELAX's importance (and uncertainty) from K masks per image.
+
+    Args:
+        e: importance ``(B, 1, H, W)``; log_var: log-variance ``(B, 1, H, W)`` or ``None``.
+        masks: ``(B, K, H, W)``; s: similarities of the masked images ``(B, K)``.
+
+    Returns:
+        ``(L_e, L_v)``: Σ M (e − s)² / Σ M and Σ M ((s − sg(e))² e^{−ℓ} + ℓ) / Σ M (0 without ``log_var``),
+        each summed over pixels and masks per image, then averaged over the batch.
+    """
+    w = masks.sum(dim=1).clamp_min(1e-8)  # (B, H, W): Σ_k M_k
+    resid = s[:, :, None, None] - e  # (B, K, H, W) broadcast over the masks
+    loss_e = ((masks * resid**2).sum(1) / w).mean()
+    if log_var is None:
+        return loss_e, torch.zeros((), device=e.device)
+    sq = (s[:, :, None, None] - e.detach()) ** 2
+    loss_v = ((masks * (sq * torch.exp(-log_var) + log_var)).sum(1) / w).mean()
+    return loss_e, loss_v
+
+
+class Objective(nn.Module):
+    """``objective(model, x, generator) -> (loss, stats)``; stats: mask area and kept similarity."""
+
+    name: str
+    needs_uncertainty = False
+
+
+class NEMObjective(Objective):
+    """The NEM objective (``nem``) and its contrastive variant (``nem-contrastive``)."""
+
+    def __init__(self, alpha: float = 4.0, beta: float = 0.5, contrastive: bool = False, eps: float = 0.01) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.contrastive, self.eps = alpha, beta, contrastive, eps
+        self.name = "nem-contrastive" if contrastive else "nem"
+
+    def forward(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        z, m = model(x)  # (B, D), (B, 1, H, W)
+        z = z.detach()
+        if self.contrastive:
+            z_keep, z_drop = model.encoder(torch.cat([x * m, x * (1 - m)])).chunk(2)  # one encoder call
+            loss = nem_contrastive_loss(z, z_keep, z_drop, m, self.alpha, self.beta, self.eps)
+        else:
+            z_keep = model.encoder(x * m)
+            loss = nem_loss(z, z_keep, m, self.alpha, self.beta)
+        sim = F.cosine_similarity(z, z_keep, dim=1).mean()
+        return loss, {"area": m.mean().detach(), "sim": sim.detach()}
+
+
+class RelaxObjective(Objective):
+    """Amortised RELAX (``relax``): K RELAX masks per image per step, importance and uncertainty heads."""
+
+    needs_uncertainty = True
+    name = "relax"
+
+    def __init__(self, n_masks: int = 16, num_cells: int = 7, p_keep: float = 0.5) -> None:
+        super().__init__()
+        self.n_masks, self.num_cells, self.p_keep = n_masks, num_cells, p_keep
+
+    def forward(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        b, k, shape = x.shape[0], self.n_masks, (x.shape[-2], x.shape[-1])
+        z, logits = model.logits(x)
+        masks = relax_masks(b * k, shape, self.num_cells, self.p_keep, generator, x.device).to(x.dtype)
+        with torch.no_grad():
+            masked = (x[:, None] * masks.view(b, k, 1, *shape)).flatten(0, 1)  # (B K, C, H, W)
+            s = F.cosine_similarity(z.detach().repeat_interleave(k, 0), model.encoder(masked), dim=1).view(b, k)
+        e = torch.sigmoid(logits[:, :1])
+        loss_e, loss_v = amortised_relax_loss(e, logits[:, 1:2] if model.uncertainty else None,
+                                              masks.view(b, k, *shape), s)
+        return loss_e + loss_v, {"area": e.mean().detach(), "sim": s.mean()}
+
+
+def build_objective(name: str, **kwargs) -> Objective:
+    """``nem``, ``nem-contrastive`` or ``relax`` with its keyword arguments."""
+    if name == "nem":
+        return NEMObjective(**kwargs)
+    if name == "nem-contrastive":
+        return NEMObjective(contrastive=True, **kwargs)
+    if name == "relax":
+        return RelaxObjective(**kwargs)
+    raise ValueError(f"unknown objective {name!r}: choose one of {OBJECTIVES}")
+
+
+OBJECTIVES = ("nem", "nem-contrastive", "relax")
+
