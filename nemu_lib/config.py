@@ -67,7 +67,7 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=5,
-        extra={"relax_masks": 300, "relax_images": 4},
+        extra={"relax_masks": 300, "relax_images": 4, "nemu_steps": 4, "nemu_batch_size": 16},
     ),
     "cpu": Profile(
         name="cpu",
@@ -82,7 +82,7 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=20,
-        extra={"relax_masks": 3000, "relax_images": 8},
+        extra={"relax_masks": 3000, "relax_images": 8, "nemu_steps": 600, "nemu_batch_size": 32},
     ),
     "gpu": Profile(
         name="gpu",
@@ -97,7 +97,7 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=20,
-        extra={"relax_masks": 3000, "relax_images": 32},
+        extra={"relax_masks": 3000, "relax_images": 32, "nemu_steps": 5000, "nemu_batch_size": 128},
     ),
 }
 

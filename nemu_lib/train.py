@@ -49,7 +49,8 @@ class TrainConfig:
         batch_size: the global batch (over all processes and accumulation micro-batches).
         grad_accum: micro-batches per step (per process).
         lr, weight_decay: AdamW's (Prodigy: lr = 1 is its usual setting).
-        optimizer: ``adamw`` or ``prodigy`` (the authors'; needs ``pip install prodigyopt``).
+        optimizer: ``adamw``, ``prodigy`` (the authors'; needs ``pip install prodigyopt``) or ``sgd``
+            (momentum 0.9; its updates are linear in the gradients, which makes runs comparable bit for bit).
         warmup: share of the steps with a linear warm-up; cosine decay to 0 after it.
         alpha, beta, eps: the NEM objectives' weights (see :mod:`nemu_lib.nem`).
         relax_masks: K, RELAX masks per image per step (``relax`` objective).
@@ -108,7 +109,9 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         except ImportError:
             raise ImportError("optimizer 'prodigy' needs `pip install prodigyopt`; or use 'adamw'") from None
         return Prodigy(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose 'adamw' or 'prodigy'")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose 'adamw', 'prodigy' or 'sgd'")
 
 
 def _schedule(cfg: TrainConfig):
