@@ -12,6 +12,14 @@ with GroupNorm in the decoder, N processes reach the weights one process reaches
 Checkpoints (every ``ckpt_every`` steps and at the end, atomically) hold the decoder, the optimiser, the
 scheduler, the RNG states, the step and the loss history; ``resume=True`` continues from one exactly. A
 non-finite loss stops training with a clear error and leaves the last good checkpoint in place.
+
+From the shell (:mod:`nemu_lib.launch`; ``nemu train`` takes the same arguments)::
+
+    nemu train --encoder simclr --dataset shapes --profile cpu --out outputs/nemu/simclr
+    torchrun --nproc_per_node=4 -m nemu_lib.train --encoder resnet50-dino --dataset imagenette --profile gpu
+
+writes ``OUT/checkpoint.pt`` and ``OUT/run.json`` (encoder spec, profile, data set, image size, settings),
+from which ``nemu explain --run OUT`` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ class TrainConfig:
         return {"alpha": self.alpha, "beta": self.beta, "eps": self.eps}
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -221,7 +229,7 @@ def train(
     Returns:
         ``{"step", "loss", "area", "sim", "val_step", "val_loss"}`` lists, the resumed part included.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     micro = _check(cfg, len(images), world)
     dev = next(model.decoder.parameters()).device
     if cfg.objective == "relax" and not model.uncertainty:
@@ -306,3 +314,10 @@ def load_nemu(path: str | os.PathLike, encoder: Encoder, map_location: str | tor
     model = NEMU(encoder, uncertainty=ckpt["config"]["uncertainty"], max_width=ckpt["config"]["max_width"])
     model.decoder.load_state_dict(ckpt["decoder"])
     return model.eval()
+
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nemu_lib.train ... (the arguments of `nemu train`)
+    from nemu_lib.launch import main
+
+    main()
