@@ -49,35 +49,54 @@ class DecoderBlock(nn.Sequential):
 
 
 class UNetDecoder(nn.Module):
-    """The expanding path: from the coarsest map up through every skip to the input resolution.
+    """The expanding path: from the coarsest map up through the skips to the input resolution.
+
+    Taps finer than ``min_stride`` are not used: the logits of the finest used level are upsampled
+    bilinearly to the input size instead (the 1x1 head first, then the upsampling: both are linear, so this
+    is the same map at a fraction of the cost). A full-resolution level would cost more than the encoder's
+    stem it mirrors, for masks that are smooth at that scale anyway.
 
     Args:
         feature_channels: channels of the encoder's maps, fine to coarse.
+        feature_strides: their strides.
         out_channels: output maps (1: a mask; 2: importance and log-variance).
-        max_width: cap on the decoder's channels per level (``min(skip channels, max_width)``, at least 8).
+        max_width: cap on the decoder's channels per level; each level has ``skip channels // 4``
+            (at least 8, at most ``max_width``), which keeps the decoder well below the encoder's cost.
+        min_stride: the finest tap used.
     """
 
-    def __init__(self, feature_channels: tuple[int, ...], out_channels: int = 1, max_width: int = 256) -> None:
+    def __init__(
+        self,
+        feature_channels: tuple[int, ...],
+        feature_strides: tuple[int, ...],
+        out_channels: int = 1,
+        max_width: int = 32,
+        min_stride: int = 2,
+    ) -> None:
         super().__init__()
-        widths = [max(8, min(c, max_width)) for c in feature_channels]
-        self.bottleneck = nn.Sequential(nn.Conv2d(feature_channels[-1], widths[-1], 1, bias=False),
+        self.first = next((i for i, s in enumerate(feature_strides) if s >= min_stride), len(feature_strides) - 1)
+        channels = feature_channels[self.first:]
+        widths = [max(8, min(c // 4, max_width)) for c in channels]
+        self.bottleneck = nn.Sequential(nn.Conv2d(channels[-1], widths[-1], 1, bias=False),
                                         _norm(widths[-1]), nn.ReLU(inplace=True))
         # blocks[i] fuses level i + 1 (upsampled) with skip i, coarse to fine
         self.blocks = nn.ModuleList(
-            DecoderBlock(widths[i + 1] + feature_channels[i], widths[i]) for i in range(len(widths) - 1)
+            DecoderBlock(widths[i + 1] + channels[i], widths[i]) for i in range(len(widths) - 1)
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, maps: list[Tensor], size: tuple[int, int]) -> Tensor:
+        maps = maps[self.first:]
         h = self.bottleneck(maps[-1])  # (B, w_L, H / s_L, W / s_L)
         for i in reversed(range(len(self.blocks))):
             skip = maps[i]
             # ×2 in general; sizing to the skip makes odd and non-square inputs work
             h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             h = self.blocks[i](torch.cat([h, skip], dim=1))  # (B, w_i, H / s_i, W / s_i)
-        if h.shape[-2:] != size:  # the finest tap has stride > 1 (torchvision ResNets: 2)
-            h = F.interpolate(h, size=size, mode="bilinear", align_corners=False)
-        return self.head(h)  # (B, out_channels, H, W) logits
+        logits = self.head(h)  # (B, out_channels, H / s_0, W / s_0)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits  # (B, out_channels, H, W)
 
 
 def encoder_fingerprint(encoder: nn.Module) -> str:
@@ -95,21 +114,24 @@ class NEMU(nn.Module):
     Args:
         encoder: any :class:`nemu_lib.encoders.Encoder`; frozen (no gradients) and kept in eval mode.
         uncertainty: add the second head (log-variance) of the amortised-RELAX objective.
-        max_width: the decoder's channel cap per level.
+        max_width: the decoder's channel cap per level (32 keeps NEM-U within ~1.3x the encoder's time on a
+            ResNet-50; see bench/nemu_speed.py).
+        min_stride: the finest encoder tap the decoder uses.
     """
 
-    def __init__(self, encoder: Encoder, uncertainty: bool = False, max_width: int = 256) -> None:
+    def __init__(self, encoder: Encoder, uncertainty: bool = False, max_width: int = 32, min_stride: int = 2) -> None:
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.uncertainty = uncertainty
-        self.max_width = max_width
-        self.decoder = UNetDecoder(encoder.feature_channels, 2 if uncertainty else 1, max_width)
+        self.max_width, self.min_stride = max_width, min_stride
+        self.decoder = UNetDecoder(encoder.feature_channels, encoder.feature_strides, 2 if uncertainty else 1,
+                                   max_width, min_stride)
 
     @property
     def config(self) -> dict:
         """What a checkpoint must match: the encoder's architecture and weights, the decoder's shape."""
         return {"encoder": self.encoder.config, "encoder_fingerprint": encoder_fingerprint(self.encoder),
-                "uncertainty": self.uncertainty, "max_width": self.max_width}
+                "uncertainty": self.uncertainty, "max_width": self.max_width, "min_stride": self.min_stride}
 
     def train(self, mode: bool = True) -> NEMU:
         super().train(mode)

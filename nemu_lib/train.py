@@ -311,7 +311,9 @@ def load_nemu(path: str | os.PathLike, encoder: Encoder, map_location: str | tor
     """
     expect = {"encoder": encoder.config, "encoder_fingerprint": encoder_fingerprint(encoder)}
     ckpt = load_checkpoint(path, expect=expect, map_location=map_location)
-    model = NEMU(encoder, uncertainty=ckpt["config"]["uncertainty"], max_width=ckpt["config"]["max_width"])
+    config = ckpt["config"]
+    model = NEMU(encoder, uncertainty=config["uncertainty"], max_width=config["max_width"],
+                 min_stride=config["min_stride"])
     model.decoder.load_state_dict(ckpt["decoder"])
     return model.eval()
 
