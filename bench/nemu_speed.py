@@ -63,11 +63,11 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import torch
+from _common import cpu_name, parse_per_case, summary, sync
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -87,11 +87,6 @@ GOAL_NEMU_OVER_ENCODER = 1.3
 GOAL_RELAX_OVER_NEMU = 1000.0
 DEFAULT_MAX_WIDTH = inspect.signature(NEMU).parameters["max_width"].default
 GRADIENT_NAMES = ("label_free_saliency", "label_free_gradient", "gradient_saliency", "saliency", "gradient")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -162,11 +157,11 @@ def _part_timer(model: NEMU, image_size: int, device: torch.device, acc: dict[st
     handles, starts = [], {}
     for label, module in parts:
         def pre(_m, _i, label=label) -> None:
-            _sync(device)
+            sync(device)
             starts[label] = time.perf_counter()
 
         def post(_m, _i, _o, label=label) -> None:
-            _sync(device)
+            sync(device)
             acc[label] = acc.get(label, 0.0) + time.perf_counter() - starts[label]
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
@@ -179,16 +174,12 @@ def _part_timer(model: NEMU, image_size: int, device: torch.device, acc: dict[st
 
 def _timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
     """Seconds per call of ``fn`` over ``calls`` calls."""
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / calls
-
-
-def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks: int, relax_images: int,
@@ -285,9 +276,9 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
         results.append({
             "batch": b,
             "calls_per_block": {k.removesuffix(f"_b{b}"): v for k, v in calls.items() if k.endswith(f"_b{b}")},
-            "seconds_per_image": {k: _summary(v) for k, v in per_image.items()},
+            "seconds_per_image": {k: summary(v) for k, v in per_image.items()},
             "seconds_per_image_raw": per_image,
-            "ratios": {k: _summary(v) for k, v in ratios.items()},
+            "ratios": {k: summary(v) for k, v in ratios.items()},
         })
 
     decoders = {}
@@ -326,36 +317,12 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
             "extrapolation_factor": factor,
             "images": relax_images,
             "masks_per_encoder_call": relax_batch,
-            "seconds_per_image_measured": _summary(relax_measured),
-            f"seconds_per_image_{RELAX_N}": _summary(relax_full),
+            "seconds_per_image_measured": summary(relax_measured),
+            f"seconds_per_image_{RELAX_N}": summary(relax_full),
             "seconds_per_image_measured_raw": relax_measured,
         },
         "batches": results,
     }
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _parse_per_case(text: str | None, cases: list[str], default: int, option: str) -> dict[str, int]:
-    n = dict.fromkeys(cases, default)
-    if not text:
-        return n
-    if "=" not in text:
-        return dict.fromkeys(cases, int(text))
-    for item in text.split(","):
-        key, value = item.split("=")
-        if key not in CASES:
-            raise SystemExit(f"{option}: unknown case {key!r}; choose among {sorted(CASES)}")
-        if key in n:
-            n[key] = int(value)
-    return n
 
 
 def _t(seconds: float) -> str:
@@ -459,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         relax_masks = dict.fromkeys(cases, QUICK["relax_masks"])
         args.relax_batch, args.repeats, args.seconds = QUICK["relax_batch"], QUICK["repeats"], QUICK["seconds"]
     else:
-        relax_masks = _parse_per_case(args.relax_masks, cases, RELAX_N, "--relax-masks")
+        relax_masks = parse_per_case(args.relax_masks, dict.fromkeys(cases, RELAX_N), list(CASES), "--relax-masks")
     if not widths or min(widths) < 1 or min(relax_masks.values()) < 1:
         parser.error("--max-width and --relax-masks must be >= 1")
     if min(args.relax_images, args.relax_batch, args.repeats, args.threads) < 1 or args.seconds < 0:
@@ -472,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "machine": platform.machine(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "channels_last": args.channels_last,

@@ -47,12 +47,12 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import relax_xai.relax as reference_relax
 import torch
+from _common import cpu_name, parse_per_case, summary, sync
 from torch import Tensor, nn
 
 from nemu_lib.encoders import SmallResNet, build_encoder
@@ -66,11 +66,6 @@ CASES: dict[str, tuple[str, Callable[[], nn.Module], int, int]] = {
 }
 QUICK = {"images": 2, "n_masks": 20, "mask_batch": 10, "repeats": 1}
 METHODS = ("floor", "ours", "reference")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -94,21 +89,21 @@ def _patched_mask_generator(batches: list[Tensor]) -> Iterator[None]:
 
 def run_floor(encoder: nn.Module, masked: list[Tensor], device: torch.device) -> float:
     """Seconds for the encoder alone over the precomputed masked batches (N passes)."""
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
         for xb in masked:
             encoder(xb)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
 def run_ours(encoder: nn.Module, x: Tensor, masks: Tensor, mask_batch: int,
              device: torch.device) -> tuple[float, RelaxResult]:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     result = relax(encoder, x, masks=masks, batch_size=mask_batch)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, result
 
 
@@ -116,7 +111,7 @@ def run_reference(encoder: nn.Module, x: Tensor, batches: list[Tensor],
                   device: torch.device) -> tuple[float, list[reference_relax.RELAX]]:
     """Seconds for the reference explaining the images of ``x`` one by one with the same mask batches."""
     explainers = []
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(len(x)):
@@ -125,7 +120,7 @@ def run_reference(encoder: nn.Module, x: Tensor, batches: list[Tensor],
                                                   num_batches=len(batches))
                 explainer.forward()
             explainers.append(explainer)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, explainers
 
 
@@ -147,10 +142,6 @@ def agreement(ours: RelaxResult, explainers: list[reference_relax.RELAX]) -> dic
     }
 
 
-def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def run_case(name: str, n_masks: int, images: int, mask_batch: int, repeats: int, device: torch.device,
              seed: int = 0) -> dict:
     description, factory, size, _ = CASES[name]
@@ -164,16 +155,16 @@ def run_case(name: str, n_masks: int, images: int, mask_batch: int, repeats: int
     x = (torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device) - mean) / std
 
     gen = torch.Generator(device).manual_seed(seed)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     masks = relax_masks(n_masks, (size, size), generator=gen, device=device)  # (N, 1, H, W)
-    _sync(device)
+    sync(device)
     draw_ours = time.perf_counter() - start
     batches = list(masks.split(mask_batch))
     start = time.perf_counter()
     for _ in batches:  # the reference's own generator, for scale only
         next(reference_relax.mask_generator(mask_batch, (size, size), device))
-    _sync(device)
+    sync(device)
     draw_reference = time.perf_counter() - start
     masked = [x[:1] * m for m in batches]  # the floor's inputs: image 0 under every mask
 
@@ -202,7 +193,7 @@ def run_case(name: str, n_masks: int, images: int, mask_batch: int, repeats: int
         "reference_over_floor": [r / f for r, f in zip(seconds["reference"], floor, strict=True)],
         "speedup_ours_vs_reference": [r / o for r, o in zip(seconds["reference"], seconds["ours"], strict=True)],
     }
-    per_image = {m: _summary(v) for m, v in seconds.items()}
+    per_image = {m: summary(v) for m, v in seconds.items()}
     floor_median = per_image["floor"]["median"]
     outside = {m: (per_image[m]["median"] - floor_median) / n_masks * 1e6 for m in ("ours", "reference")}
     return {
@@ -215,34 +206,11 @@ def run_case(name: str, n_masks: int, images: int, mask_batch: int, repeats: int
         "repeats": repeats,
         "seconds_per_image": per_image,
         "seconds_per_image_raw": seconds,
-        "ratios": {k: _summary(v) for k, v in ratios.items()},
+        "ratios": {k: summary(v) for k, v in ratios.items()},
         "outside_encoder_us_per_mask": outside,
         "mask_drawing_seconds": {"ours_relax_masks": draw_ours, "reference_mask_generator": draw_reference},
         "agreement": agreement(ours_result, explainers),
     }
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _parse_n_masks(text: str | None, cases: list[str]) -> dict[str, int]:
-    n = {c: CASES[c][3] for c in cases}
-    if not text:
-        return n
-    if "=" not in text:
-        return dict.fromkeys(cases, int(text))
-    for item in text.split(","):
-        key, value = item.split("=")
-        if key not in CASES:
-            raise SystemExit(f"--n-masks: unknown case {key!r}; choose among {sorted(CASES)}")
-        n[key] = int(value)
-    return {c: n[c] for c in cases}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         args.images, args.mask_batch, args.repeats = QUICK["images"], QUICK["mask_batch"], QUICK["repeats"]
         n_masks = dict.fromkeys(cases, QUICK["n_masks"])
     else:
-        n_masks = _parse_n_masks(args.n_masks, cases)
+        n_masks = parse_per_case(args.n_masks, {c: CASES[c][3] for c in cases}, list(CASES), "--n-masks")
     if min(args.images, args.repeats, args.mask_batch, args.threads) < 1:
         parser.error("--images, --repeats, --mask-batch and --threads must be >= 1")
     torch.set_num_threads(args.threads)
@@ -281,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "machine": platform.machine(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "cases": [run_case(c, n_masks[c], args.images, args.mask_batch, args.repeats, device) for c in cases],

@@ -1,0 +1,46 @@
+"""Helpers shared by the bench scripts (run as ``python bench/<script>.py``, so this imports as ``_common``)."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summary(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def parse_per_case(text: str | None, defaults: dict[str, int], known: list[str], option: str) -> dict[str, int]:
+    """``"500"`` (every case) or ``"small=500,resnet18=100"`` over ``defaults`` (one entry per chosen case)."""
+    n = dict(defaults)
+    if not text:
+        return n
+    if "=" not in text:
+        return dict.fromkeys(n, int(text))
+    for item in text.split(","):
+        key, value = item.split("=")
+        if key not in known:
+            raise SystemExit(f"{option}: unknown case {key!r}; choose among {sorted(known)}")
+        if key in n:
+            n[key] = int(value)
+    return n
