@@ -16,8 +16,9 @@ Relation to the reference package ``relax-xai``: it updates R mask by mask (a ru
 Σ M started at 1e-10) and keeps the *unnormalised* uncertainty Σ M (s − R)² (West's weighted update),
 i.e. ``uncertainty_reference = U · Σ M`` (:attr:`RelaxResult.uncertainty_reference`). Its U-RELAX
 thresholds that unnormalised sum at its median — as the paper's Ū = (1/N) Σ M (s − R)² does, a constant
-multiple — so ours does too and reproduces its masks; thresholding U itself would move a few pixels,
-since Σ M varies from pixel to pixel. Its 1e-10 start changes R by ~1e-10 / Σ M; pixels that no mask keeps
+multiple — so ours does too and reproduces its masks. Thresholding U itself is a different map, since
+Σ M varies from pixel to pixel (measured on the cpu SimCLR encoder: 4 % of pixels change at N = 3,000,
+14 % at N = 400). Its 1e-10 start changes R by ~1e-10 / Σ M; pixels that no mask keeps
 (Σ M = 0) get R = 0 and U = 0 in both.
 """
 
