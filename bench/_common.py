@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
 import platform
 import statistics
 
@@ -44,3 +46,11 @@ def parse_per_case(text: str | None, defaults: dict[str, int], known: list[str],
         if key in n:
             n[key] = int(value)
     return n
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (cuda when available) and ``--threads`` (the CPUs this process may use)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch intra-op threads (default: the CPUs this process may use)")

@@ -67,7 +67,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from _common import cpu_name, parse_per_case, summary, sync
+from _common import add_device_arguments, cpu_name, parse_per_case, summary, sync
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -404,10 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke check: batches {QUICK['batches']}, RELAX N = {QUICK['relax_masks']} in "
                              f"batches of {QUICK['relax_batch']}, one repeat, blocks of {QUICK['seconds']} s")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda when available, else cpu")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch intra-op threads (default: the CPUs this process may use)")
+    add_device_arguments(parser)
     parser.add_argument("--channels-last", action="store_true",
                         help="models and images in channels_last memory format (meant for CUDA)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around every call (meant for CUDA)")

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 
 import relax_xai.relax as reference_relax
 import torch
-from _common import cpu_name, parse_per_case, summary, sync
+from _common import add_device_arguments, cpu_name, parse_per_case, summary, sync
 from torch import Tensor, nn
 
 from nemu_lib.encoders import SmallResNet, build_encoder
@@ -226,10 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke check: {QUICK['images']} images, N = {QUICK['n_masks']}, "
                              f"mask batch {QUICK['mask_batch']}, one repeat")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda when available, else cpu")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch intra-op threads (default: the CPUs this process may use)")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
