@@ -139,7 +139,11 @@ class NEMU(nn.Module):
         return self
 
     def logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z (B, D), logits (B, 1 or 2, H, W))`` from one pass of the encoder."""
+        """``(z (B, D), logits (B, 1 or 2, H, W))`` from one pass of the encoder.
+
+        The pass goes through ``encoder.forward_features``, not ``encoder(x)``: forward hooks registered on
+        the encoder module itself do not fire (hooks on its submodules do).
+        """
         z, maps = self.encoder.forward_features(x)
         return z, self.decoder(maps, (x.shape[-2], x.shape[-1]))
 
@@ -197,10 +201,17 @@ def amortised_relax_loss(e: Tensor, log_var: Tensor | None, masks: Tensor, s: Te
 
 
 class Objective(nn.Module):
-    """``objective(model, x, generator) -> (loss, stats)``; stats: mask area and kept similarity."""
+    """``objective(model, x, generator) -> (loss, stats)``; ``stats`` holds the two scalars ``stat_names``.
+
+    ``prepare(model, x, generator)`` runs once before training from scratch (the decoder's starting point).
+    """
 
     name: str
     needs_uncertainty = False
+    stat_names: tuple[str, str] = ("area", "sim")  # mask area mean(m), kept similarity cos(f(x), f(x ⊙ m))
+
+    def prepare(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> None:
+        """Nothing to prepare: the NEM objectives start from the decoder's default initialisation."""
 
 
 class NEMObjective(Objective):
@@ -229,22 +240,44 @@ class RelaxObjective(Objective):
 
     needs_uncertainty = True
     name = "relax"
+    stat_names = ("importance", "masked_sim")  # mean predicted importance e, mean similarity s_k of the copies
 
     def __init__(self, n_masks: int = 16, num_cells: int = 7, p_keep: float = 0.5) -> None:
         super().__init__()
         self.n_masks, self.num_cells, self.p_keep = n_masks, num_cells, p_keep
 
-    def forward(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    def similarities(
+        self, model: NEMU, x: Tensor, z: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """K random RELAX masks per image ``(B, K, H, W)`` and s_k = cos(f(x), f(x ⊙ M_k)) ``(B, K)``."""
         b, k, shape = x.shape[0], self.n_masks, (x.shape[-2], x.shape[-1])
-        z, logits = model.logits(x)
         masks = relax_masks(b * k, shape, self.num_cells, self.p_keep, generator, x.device).to(x.dtype)
         with torch.no_grad():
             masked = (x[:, None] * masks.view(b, k, 1, *shape)).flatten(0, 1)  # (B K, C, H, W)
             s = F.cosine_similarity(z.detach().repeat_interleave(k, 0), model.encoder(masked), dim=1).view(b, k)
+        return masks.view(b, k, *shape), s
+
+    @torch.no_grad()
+    def prepare(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> None:
+        """Start the heads at the data's level: e = mean of s_k, e^ℓ = its variance (over ``x`` and K masks).
+
+        A fresh head gives e = sigmoid(0) = 0.5 and e^ℓ = 1, while RELAX's importance of a trained encoder
+        sits near 0.9 and its uncertainty near 1e-3; an optimiser moves a bias by about its learning rate
+        per step, so hundreds of steps would go into shifting two constants (as a classifier's bias starts
+        at the prior log-odds).
+        """
+        _, s = self.similarities(model, x, model.encoder(x), generator)
+        level = s.mean().clamp(1e-4, 1 - 1e-4)
+        spread = s.var().clamp_min(1e-12) if s.numel() > 1 else s.new_tensor(1e-12)
+        bias = model.decoder.head.bias  # (1 or 2,): importance, log-variance
+        bias.copy_(torch.stack([torch.logit(level), torch.log(spread)])[:len(bias)].to(bias))
+
+    def forward(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        z, logits = model.logits(x)
+        masks, s = self.similarities(model, x, z, generator)
         e = torch.sigmoid(logits[:, :1])
-        loss_e, loss_v = amortised_relax_loss(e, logits[:, 1:2] if model.uncertainty else None,
-                                              masks.view(b, k, *shape), s)
-        return loss_e + loss_v, {"area": e.mean().detach(), "sim": s.mean()}
+        loss_e, loss_v = amortised_relax_loss(e, logits[:, 1:2] if model.uncertainty else None, masks, s)
+        return loss_e + loss_v, {"importance": e.mean().detach(), "masked_sim": s.mean()}
 
 
 def build_objective(name: str, **kwargs) -> Objective:

@@ -63,6 +63,8 @@ class TrainConfig:
         alpha, beta, eps: the NEM objectives' weights (see :mod:`nemu_lib.nem`).
         relax_masks: K, RELAX masks per image per step (``relax`` objective).
         seed: seeds the data order and the masks.
+        init_heads: ``relax``: start the heads' biases at the mean and variance of the similarities of
+            randomly masked copies (:meth:`nemu_lib.nem.RelaxObjective.prepare`) when not resuming.
         amp: bf16 autocast on CUDA (ignored on CPU).
     """
 
@@ -79,6 +81,7 @@ class TrainConfig:
     eps: float = 0.01
     relax_masks: int = 16
     seed: int = 0
+    init_heads: bool = True
     amp: bool = True
 
     def objective_kwargs(self) -> dict:
@@ -224,10 +227,17 @@ def train(
         ckpt_every, val_every: checkpoint and validation intervals in steps.
         resume: continue from ``out_dir/checkpoint.pt`` (its model and settings must match).
         stop_at: stop after this step (checkpointing it), as if interrupted; ``resume`` continues.
-        progress: tqdm bar with loss, mask area and kept similarity (rank 0).
+        progress: tqdm bar with the loss and the objective's two statistics (rank 0).
+
+    A run that does not resume first calls ``objective.prepare`` on the first ``min(64, N)`` training images
+    when ``cfg.init_heads`` (the amortised-RELAX heads start at the data's similarity level; the NEM
+    objectives change nothing); set it to ``False`` to go on training a decoder's current weights.
 
     Returns:
-        ``{"step", "loss", "area", "sim", "val_step", "val_loss"}`` lists, the resumed part included.
+        ``{"step", "loss", <stat 1>, <stat 2>, "val_step", "val_loss"}`` lists, the resumed part included;
+        the statistics are the objective's ``stat_names``: ``"area"`` (mean(m)) and ``"sim"``
+        (cos(f(x), f(x ⊙ m))) for ``nem`` and ``nem-contrastive``; ``"importance"`` (mean e) and
+        ``"masked_sim"`` (mean s_k of the random masked copies) for ``relax``.
     """
     rank, world = rank_world()
     micro = _check(cfg, len(images), world)
@@ -239,7 +249,8 @@ def train(
     decoder = model.decoder
     opt = _optimizer(cfg, decoder.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    history: dict[str, list[float]] = {k: [] for k in ("step", "loss", "area", "sim", "val_step", "val_loss")}
+    names = objective.stat_names
+    history: dict[str, list[float]] = {k: [] for k in ("step", "loss", *names, "val_step", "val_loss")}
     start = 0
     config = checkpoint_config(model, cfg)
     if resume:
@@ -249,6 +260,8 @@ def train(
         sched.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         history, start = ckpt["history"], ckpt["step"]
+    elif cfg.init_heads:  # the same images and masks on every rank: the replicas start equal
+        objective.prepare(model, images[:64].to(dev), torch.Generator(dev).manual_seed(cfg.seed))
 
     def save(step: int) -> None:
         if rank == 0:
@@ -268,25 +281,25 @@ def train(
                 break
             gen = _mask_generator(cfg, step, rank, dev)
             opt.zero_grad(set_to_none=True)
-            stats = torch.zeros(3, device=dev)  # loss, area, sim summed over micro-batches
+            stats = torch.zeros(3, device=dev)  # loss and the two statistics, summed over micro-batches
             for j, chunk in enumerate(idx.split(micro)):
                 sync = j == cfg.grad_accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else model.decoder.no_sync()), autocast:
                     loss, s = objective(model, images[chunk].to(dev, non_blocking=True), gen)
                     (loss / cfg.grad_accum).backward()
-                stats += torch.stack([loss.detach().float(), s["area"].float(), s["sim"].float()]) / cfg.grad_accum
+                stats += torch.stack([loss.detach().float(), *(s[k].float() for k in names)]) / cfg.grad_accum
             if world > 1:
                 dist.all_reduce(stats)
                 stats /= world
-            loss_value, area, sim = stats.tolist()
+            loss_value, stat1, stat2 = stats.tolist()
             if not math.isfinite(loss_value):
                 last = f"the last good checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
                 raise FloatingPointError(f"non-finite loss at step {step}: {last}; lower the lr or check the data")
             opt.step()
             sched.step()
-            for k, v in zip(("step", "loss", "area", "sim"), (step + 1, loss_value, area, sim), strict=True):
+            for k, v in zip(("step", "loss", *names), (step + 1, loss_value, stat1, stat2), strict=True):
                 history[k].append(v)
-            bar.set_postfix(loss=f"{loss_value:.4f}", area=f"{area:.3f}", sim=f"{sim:.3f}")
+            bar.set_postfix({"loss": f"{loss_value:.4f}", names[0]: f"{stat1:.3f}", names[1]: f"{stat2:.3f}"})
             bar.update()
             done = step + 1
             if val_images is not None and rank == 0 and (done % val_every == 0 or done == cfg.steps):

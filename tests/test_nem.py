@@ -62,12 +62,12 @@ def test_encoder_is_frozen_and_stays_in_eval_mode():
 @pytest.mark.parametrize("objective", ["nem", "nem-contrastive", "relax"])
 def test_gradients_reach_only_the_decoder(objective):
     model = NEMU(_small(), uncertainty=objective == "relax")
-    loss, stats = build_objective(objective)(model.train(), torch.randn(2, 3, 32, 32),
-                                             torch.Generator().manual_seed(0))
+    obj = build_objective(objective)
+    loss, stats = obj(model.train(), torch.randn(2, 3, 32, 32), torch.Generator().manual_seed(0))
     loss.backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.decoder.parameters())
-    assert math.isfinite(loss.item()) and 0 <= stats["area"] <= 1
+    assert math.isfinite(loss.item()) and 0 <= stats[obj.stat_names[0]] <= 1  # mask area or mean importance
 
 
 def test_fingerprint_tells_weights_apart():
@@ -133,7 +133,31 @@ def test_relax_objective_uses_the_relax_similarities():
     _, stats = obj(model, x, torch.Generator().manual_seed(0))
     with torch.no_grad():
         z = model.encoder(x)
-    assert -1 <= stats["sim"] < F.cosine_similarity(z, z).mean() - 1e-4
+    assert -1 <= stats["masked_sim"] < F.cosine_similarity(z, z).mean() - 1e-4
+    assert set(stats) == set(obj.stat_names) == {"importance", "masked_sim"}
+
+
+def test_relax_prepare_starts_the_heads_at_the_similarity_level():
+    """prepare(): bias = (logit(mean s_k), log(var s_k)) over the images' K random masked copies."""
+    model = NEMU(_small(), uncertainty=True)
+    x = torch.randn(3, 3, 32, 32)
+    obj = build_objective("relax", n_masks=5)
+    obj.prepare(model, x, torch.Generator().manual_seed(7))
+    masks, s = obj.similarities(model, x, model.encoder(x), torch.Generator().manual_seed(7))  # the same draw
+    assert masks.shape == (3, 5, 32, 32) and s.shape == (3, 5)
+    expected = torch.stack([torch.logit(s.mean()), torch.log(s.var())])
+    assert_close(model.decoder.head.bias.detach(), expected)
+    # one head (no uncertainty): only the importance bias
+    plain = NEMU(_small())
+    obj.prepare(plain, x, torch.Generator().manual_seed(7))
+    assert_close(plain.decoder.head.bias.detach(), expected[:1])
+
+
+def test_nem_prepare_changes_nothing():
+    model = NEMU(_small())
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    build_objective("nem").prepare(model, torch.randn(2, 3, 32, 32))
+    assert all(torch.equal(v, before[k]) for k, v in model.decoder.state_dict().items())
 
 
 def test_unknown_objective():

@@ -53,6 +53,19 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, objective):
     assert h_resumed == h_full and len(h_full["loss"]) == 6 and h_full["val_step"] == [3, 6]
 
 
+def test_relax_run_starts_its_heads_at_the_data_level_and_names_its_statistics(tmp_path):
+    cfg = dataclasses.replace(CFG, objective="relax", relax_masks=3, steps=1, lr=1e-12)
+    encoder, x = _encoder(), _data()
+    prepared, fresh = _model(encoder, True), _model(encoder, True)
+    h = train(prepared, x, None, cfg, tmp_path / "a", progress=False)
+    train(fresh, x, None, dataclasses.replace(cfg, init_heads=False), tmp_path / "b", progress=False)
+    assert set(h) == {"step", "loss", "importance", "masked_sim", "val_step", "val_loss"}
+    level = torch.sigmoid(prepared.decoder.head.bias[0]).item()  # lr ~ 0: the prepared value
+    assert abs(level - h["masked_sim"][0]) < 0.1  # the mean similarity of other masks, same images
+    assert abs(fresh.decoder.head.bias[0].item()) < 1  # default initialisation: near 0, e = 0.5
+    assert abs(level - 0.5) > 0.1
+
+
 def test_training_lowers_the_loss_and_leaves_the_encoder_untouched(tmp_path):
     encoder = _encoder()
     before = {k: v.clone() for k, v in encoder.state_dict().items()}  # weights and BatchNorm statistics
@@ -111,7 +124,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     def poisoned(name, **kwargs):
         objective = original(name, **kwargs)
-        return lambda m, x, g: (objective(m, x, g)[0] * float("nan"), objective(m, x, g)[1])
+        forward = objective.forward
+
+        def nan_loss(m, x, g):
+            loss, stats = forward(m, x, g)
+            return loss * float("nan"), stats
+
+        objective.forward = nan_loss
+        return objective
 
     monkeypatch.setattr(train_module, "build_objective", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 4.*last good checkpoint"):
