@@ -67,7 +67,8 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=5,
-        extra={"relax_masks": 300, "relax_images": 4, "nemu_steps": 4, "nemu_batch_size": 16},
+        extra={"relax_masks": 300, "relax_images": 4, "nemu_steps": 4, "nemu_batch_size": 16, "nemu_lr": 1e-2,
+               "nemu_contrastive_steps": 1, "nemu_relax_steps": 2, "nemu_relax_lr": 3e-3},
     ),
     "cpu": Profile(
         name="cpu",
@@ -82,7 +83,8 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=20,
-        extra={"relax_masks": 3000, "relax_images": 8, "nemu_steps": 600, "nemu_batch_size": 32},
+        extra={"relax_masks": 3000, "relax_images": 8, "nemu_steps": 600, "nemu_batch_size": 32, "nemu_lr": 1e-2,
+               "nemu_contrastive_steps": 150, "nemu_relax_steps": 300, "nemu_relax_lr": 3e-3},
     ),
     "gpu": Profile(
         name="gpu",
@@ -97,7 +99,8 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3,
         temperature=0.2,
         knn_k=20,
-        extra={"relax_masks": 3000, "relax_images": 32, "nemu_steps": 5000, "nemu_batch_size": 128},
+        extra={"relax_masks": 3000, "relax_images": 32, "nemu_steps": 5000, "nemu_batch_size": 128, "nemu_lr": 1e-2,
+               "nemu_contrastive_steps": 1250, "nemu_relax_steps": 2500, "nemu_relax_lr": 3e-3},
     ),
 }
 

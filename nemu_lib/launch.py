@@ -30,6 +30,7 @@ from .config import device as default_device
 from .data import DatasetUnavailableError, ShapesScenes, load_real_dataset, load_split, normalize
 from .encoders import PRETRAINED, Encoder, WeightsUnavailableError, load_pretrained
 from .nem import NEMU, OBJECTIVES
+from .runs import profile_config
 from .train import CHECKPOINT, TrainConfig, rank_world, train
 
 ENCODER_SPECS = (*ssl.ENCODER_KINDS, *PRETRAINED)
@@ -180,11 +181,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--image-size", type=int, default=None,
                         help="px; default: the profile's, 224 for a pretrained ResNet on a real data set")
     parser.add_argument("--objective", default="nem", choices=OBJECTIVES)
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the profile's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimiser steps (default: the profile's for the objective)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="the global batch over all processes (default: the profile's)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process")
-    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 (adamw), 1.0 (prodigy)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: the profile's (cpu: 1e-2, relax objective 3e-3) for adamw, 1.0 for prodigy")
     parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "prodigy"],
                         help="prodigy needs `pip install prodigyopt`")
@@ -240,13 +243,14 @@ def train_command(args: argparse.Namespace) -> dict[str, list[float]]:
     """
     check_encoder_spec(args.encoder)
     p = get_profile(args.profile)
-    cfg = TrainConfig(
-        objective=args.objective,
-        steps=p.extra.get("nemu_steps", 1000) if args.steps is None else args.steps,
-        batch_size=p.extra.get("nemu_batch_size", 64) if args.batch_size is None else args.batch_size,
+    base = profile_config(args.objective, p, args.seed)  # the notebooks' settings for this profile
+    cfg = dataclasses.replace(
+        base,
+        steps=base.steps if args.steps is None else args.steps,
+        batch_size=base.batch_size if args.batch_size is None else args.batch_size,
         grad_accum=args.grad_accum,
-        lr=(1.0 if args.optimizer == "prodigy" else 1e-3) if args.lr is None else args.lr,
-        weight_decay=args.weight_decay, optimizer=args.optimizer, relax_masks=args.relax_masks, seed=args.seed,
+        lr=(1.0 if args.optimizer == "prodigy" else base.lr) if args.lr is None else args.lr,
+        weight_decay=args.weight_decay, optimizer=args.optimizer, relax_masks=args.relax_masks,
         amp=not args.no_amp,
     )
     image_size = args.image_size or default_image_size(args.encoder, args.dataset, p)

@@ -140,7 +140,7 @@ def test_resume_continues_the_run(tmp_path, capsys):
     assert history["val_step"] == [4]
     # starting over needs --overwrite; resuming needs the same settings and a checkpoint
     assert "--resume to continue it, --overwrite to start over" in _error(capsys, args)
-    line = _error(capsys, [*args, "--resume", "--lr", "0.01"])
+    line = _error(capsys, [*args, "--resume", "--lr", "0.003"])
     assert "run.json" in line and "train" in line
     assert "no checkpoint" in _error(capsys, [*args[:-len(FAST) - 2], "--out", str(tmp_path / "empty"), *FAST,
                                               "--resume"])
