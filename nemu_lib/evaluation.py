@@ -1,0 +1,263 @@
+"""Evaluate explanations of a representation: every method on the same scenes, every metric, one table.
+
+The claim under test is NEM-U's (Møller et al., ICML 2024): explanations far faster than RELAX, with lower
+complexity, at high locality. Notebook 04, ``bench/quality.py`` and ``make run``'s ``outputs/results.md``
+all build their table here::
+
+    maps, seconds = explain_all(encoder, decoders, x, n_masks=3000)
+    scores = score_maps(encoder, x, object_masks, maps, reference=maps["RELAX"])
+    table = summarize(scores, seconds)
+
+Methods: NEM-U (``nem``), NEM-U contrastive, amortised RELAX (the ``relax`` decoders of
+:mod:`nemu_lib.runs`), RELAX and U-RELAX (Wickstrøm et al., IJCV 2023), label-free gradient and integrated
+gradients (Crabbé & van der Schaar, ICML 2022) and a random map. Metrics (:mod:`nemu_lib.metrics`):
+Relevance Mass and Rank Accuracy and the Pointing Game against the main object's mask, complexity
+(entropy), sparseness (Gini), deletion and insertion AUC in representation space, and fidelity (Pearson and
+Spearman) to RELAX with N = 3,000. Maps are min-max normalised per image before mass accuracy, complexity
+and sparseness: RELAX's importance sits on the level of the similarities (~0.9, varying by ~1e-2), and that
+constant would otherwise decide all three; the other metrics do not change under it.
+
+RELAX's own Monte-Carlo noise sets the ceiling of every fidelity figure: :func:`relax_convergence` runs an
+independent RELAX in growing chunks and gives its fidelity to the reference at each N, which also says how
+many masks NEM-U is worth (:func:`worth_n_masks`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import metrics
+from .baselines import label_free_gradient, label_free_integrated_gradients, random_map
+from .nem import NEMU
+from .relax import relax
+
+METHODS = ("NEM-U", "NEM-U contrastive", "amortised RELAX", "RELAX", "U-RELAX", "label-free gradient",
+           "label-free IG", "random")
+DECODER_METHODS = {"NEM-U": "nem", "NEM-U contrastive": "nem-contrastive", "amortised RELAX": "relax"}
+# metric: (label, higher is better?)
+METRICS = {
+    "relevance_mass": ("Relevance Mass Acc.", True),
+    "relevance_rank": ("Relevance Rank Acc.", True),
+    "pointing_game": ("Pointing Game", True),
+    "complexity": ("complexity (entropy)", False),
+    "sparseness": ("sparseness (Gini)", True),
+    "deletion_auc": ("deletion AUC", False),
+    "insertion_auc": ("insertion AUC", True),
+    "fidelity_pearson": ("fidelity to RELAX (Pearson)", True),
+    "fidelity_spearman": ("fidelity to RELAX (Spearman)", True),
+}
+
+
+def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([fn(x[i:i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def _timed(fn: Callable[[], Tensor], n: int) -> tuple[Tensor, float]:
+    """``(fn(), seconds per image)``, synchronising CUDA around the call."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return out, (time.perf_counter() - start) / n
+
+
+def explain_all(
+    encoder: nn.Module,
+    decoders: dict[str, NEMU],
+    x: Tensor,
+    n_masks: int = 3000,
+    ig_steps: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+    methods: tuple[str, ...] = METHODS,
+    progress: bool = True,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Explain ``x (N, C, H, W)`` with every method: ``({method: maps (N, H, W)}, {method: seconds per image})``.
+
+    ``decoders`` maps objectives (``nem``, ``nem-contrastive``, ``relax``) to trained NEM-U models on
+    ``encoder``; decoder methods whose objective is missing are skipped. Each method is warmed up on one
+    image, then timed over all N (wall clock; U-RELAX comes from RELAX's run and shares its time).
+    """
+    maps: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
+    gen = torch.Generator(x.device).manual_seed(seed)
+    runners: dict[str, Callable[[Tensor], Tensor]] = {
+        "label-free gradient": lambda xb: label_free_gradient(encoder, xb),
+        "label-free IG": lambda xb: label_free_integrated_gradients(encoder, xb, steps=ig_steps),
+        "random": lambda xb: random_map(xb, generator=gen),
+    }
+    for name, objective in DECODER_METHODS.items():
+        if objective in decoders:
+            model = decoders[objective].eval()
+            runners[name] = (lambda m: lambda xb: m.explain(xb)[1][:, 0])(model)
+    todo = [m for m in methods if m in runners or m in ("RELAX", "U-RELAX")]
+    for name in tqdm(todo, desc="methods", disable=not progress):
+        if name == "U-RELAX":
+            continue  # from RELAX's run
+        if name == "RELAX":
+            relax(encoder, x[:1], n_masks=100, seed=seed)  # warm-up
+            result, sec = _timed(lambda: relax(encoder, x, n_masks=n_masks, seed=seed, progress=progress), len(x))
+            maps["RELAX"] = result.importance.float().cpu()
+            seconds["RELAX"] = sec
+            if "U-RELAX" in methods:
+                maps["U-RELAX"] = (result.importance * result.u_relax_mask).float().cpu()
+                seconds["U-RELAX"] = sec
+            continue
+        with torch.inference_mode(name not in ("label-free gradient", "label-free IG")):
+            runners[name](x[:1])  # warm-up
+            run = runners[name]
+            maps[name], seconds[name] = _timed(lambda: _batched(run, x, batch_size), len(x))  # noqa: B023 (called now)
+    return {m: maps[m] for m in methods if m in maps}, {m: seconds[m] for m in methods if m in seconds}
+
+
+def _minmax(a: Tensor) -> Tensor:
+    """Per-image min-max normalisation to [0, 1] ``(B, H, W)``; a constant map becomes all zeros."""
+    flat = a.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(a)
+
+
+def score_maps(
+    encoder: nn.Module,
+    x: Tensor,
+    gt: Tensor,
+    maps: dict[str, Tensor],
+    reference: Tensor | None = None,
+    steps: int = 16,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, dict[str, Tensor]]:
+    """Every metric of every method, per image: ``{method: {metric: (N,) float64}}``.
+
+    Args:
+        encoder: the encoder the maps explain (for the deletion and insertion curves).
+        x: the images ``(N, C, H, W)``; gt: the main object's masks ``(N, H, W)``.
+        maps: ``{method: (N, H, W)}``.
+        reference: RELAX's importance ``(N, H, W)`` for the fidelity metrics (skipped when ``None``).
+        steps: points of the deletion and insertion curves (besides 0).
+    """
+    dev = x.device
+    scores: dict[str, dict[str, Tensor]] = {}
+    for name, a in tqdm(maps.items(), desc="scoring", disable=not progress):
+        a = a.to(dev)
+        norm = _minmax(a)
+        curves = metrics.deletion_insertion(encoder, x, a, steps=steps, batch_size=batch_size)
+        s = {
+            "relevance_mass": metrics.relevance_mass_accuracy(norm, gt),
+            "relevance_rank": metrics.relevance_rank_accuracy(a, gt),
+            "pointing_game": metrics.pointing_game(a, gt),
+            "complexity": metrics.complexity(norm),
+            "sparseness": metrics.sparseness(norm),
+            "deletion_auc": curves.deletion_auc,
+            "insertion_auc": curves.insertion_auc,
+        }
+        if reference is not None:
+            ref = reference.to(dev)
+            s["fidelity_pearson"] = metrics.pearson(a, ref)
+            s["fidelity_spearman"] = metrics.spearman(a, ref)
+        scores[name] = {k: v.double().cpu() for k, v in s.items()}
+    return scores
+
+
+def relax_convergence(
+    encoder: nn.Module,
+    x: Tensor,
+    reference: Tensor,
+    n_masks: tuple[int, ...] = (25, 50, 100, 200, 400, 800, 1600, 3000),
+    seed: int = 1000,
+    progress: bool = True,
+) -> tuple[list[int], Tensor]:
+    """Fidelity of an independent RELAX with N masks to ``reference``, for growing N.
+
+    One RELAX run of ``max(n_masks)`` masks in chunks (new seeds, so independent of the reference's masks);
+    the chunks' sums combine exactly into the N-mask maps, R_N = Σ M s / Σ M over the first N masks.
+
+    Returns:
+        ``(Ns, pearson (len(Ns), B))``; at the largest N this is RELAX's noise ceiling.
+    """
+    sum_w = sum_ws = None
+    done, rows = 0, []
+    for i, n in enumerate(tqdm(n_masks, desc="RELAX convergence", disable=not progress)):
+        part = relax(encoder, x, n_masks=n - done, seed=seed + i)
+        w = part.weights  # (H, W), Σ M of this chunk
+        sum_w = w if sum_w is None else sum_w + w
+        sum_ws = part.importance * w if sum_ws is None else sum_ws + part.importance * w
+        rows.append(metrics.pearson((sum_ws / sum_w.clamp_min(1e-12)).float(), reference.to(x.device)).cpu())
+        done = n
+    return list(n_masks), torch.stack(rows)
+
+
+def worth_n_masks(ns: list[int], fidelity: Tensor, target: float) -> float:
+    """The N at which RELAX's mean fidelity reaches ``target`` (log-linear interpolation between the Ns).
+
+    ``fidelity``: ``(len(ns), B)`` from :func:`relax_convergence`. A target at or below the smallest N's
+    fidelity returns ``0.0`` (worth fewer masks than the smallest N measured); above the largest, ``inf``.
+    """
+    mean = torch.nanmean(fidelity.double(), dim=1).tolist()
+    if target <= mean[0]:
+        return 0.0
+    for i in range(1, len(ns)):
+        (n0, f0), (n1, f1) = (ns[i - 1], mean[i - 1]), (ns[i], mean[i])
+        if f0 < target <= f1:
+            t = (target - f0) / (f1 - f0)
+            return float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))
+    return math.inf
+
+
+def with_encoder(model: NEMU, encoder: nn.Module) -> NEMU:
+    """The trained decoder of ``model`` on another encoder of the same architecture (randomisation tests)."""
+    other = NEMU(encoder, uncertainty=model.uncertainty, max_width=model.max_width, min_stride=model.min_stride)
+    other.decoder.load_state_dict(model.decoder.state_dict())
+    return other.to(next(model.decoder.parameters()).device).eval()
+
+
+def sanity_check(trained: dict[str, Tensor], randomised: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Model randomisation test (Adebayo et al., NeurIPS 2018): Spearman ρ per image between each method's
+    maps for the trained encoder and for a randomly initialised one, ``{method: (N,)}``.
+
+    A method whose maps barely change (ρ near 1) explains the image, not the model. The random map is
+    skipped (it ignores both).
+    """
+    return {m: metrics.spearman(trained[m], randomised[m]).cpu() for m in trained if m in randomised
+            and m != "random"}
+
+
+def summarize(scores: dict[str, dict[str, Tensor]], seconds: dict[str, float]) -> list[dict]:
+    """Table rows: per method, each metric's mean over images (NaN-aware), its standard error and the
+    number of images it is defined for, plus seconds per image."""
+    rows = []
+    for method, per_metric in scores.items():
+        row: dict = {"method": method, "seconds_per_image": seconds.get(method, math.nan)}
+        for key, values in per_metric.items():
+            v = values[torch.isfinite(values)].double()
+            row[key] = v.mean().item() if len(v) else math.nan
+            row[f"{key}_sem"] = (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else math.nan
+            row[f"{key}_n"] = len(v)
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict], keys: tuple[str, ...] = tuple(METRICS)) -> str:
+    """The table as Markdown: mean ± standard error per metric (↑ higher is better, ↓ lower), seconds per image."""
+    head = ["method", *(f"{METRICS[k][0]} {'↑' if METRICS[k][1] else '↓'}" for k in keys), "s / image"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["method"]]
+        for k in keys:
+            mean, sem = row.get(k, math.nan), row.get(f"{k}_sem", math.nan)
+            cells.append("–" if not np.isfinite(mean) else f"{mean:.3f} ± {sem:.3f}" if np.isfinite(sem)
+                         else f"{mean:.3f}")
+        sec = row["seconds_per_image"]
+        cells.append(f"{sec:.3g}" if np.isfinite(sec) else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
