@@ -33,7 +33,14 @@ def project_root() -> Path:
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes for one profile. Every field has a comment: these are the knobs a reader may turn."""
+    """Sizes for one profile. Every field has a comment: these are the knobs a reader may turn.
+
+    ``extra`` holds the later chapters' sizes: RELAX's ``relax_masks`` (N) and ``relax_images`` (notebook 02);
+    the NEM-U decoders' ``nemu_steps``, ``nemu_batch_size``, ``nemu_lr``, ``nemu_contrastive_steps``,
+    ``nemu_relax_steps`` and ``nemu_relax_lr`` (:func:`nemu_lib.runs.profile_config`); the evaluation's
+    ``eval_images`` (held-out scenes), ``ceiling_images`` (RELAX's convergence and the randomisation test),
+    ``ig_steps``, ``deletion_steps`` and ``mosaics`` (:func:`nemu_lib.report.evaluate_encoder`).
+    """
 
     name: str
     image_size: int  # side of the square Shapes scenes, px (32-128)
@@ -68,7 +75,8 @@ PROFILES: dict[str, Profile] = {
         temperature=0.2,
         knn_k=5,
         extra={"relax_masks": 300, "relax_images": 4, "nemu_steps": 4, "nemu_batch_size": 16, "nemu_lr": 1e-2,
-               "nemu_contrastive_steps": 1, "nemu_relax_steps": 2, "nemu_relax_lr": 3e-3},
+               "nemu_contrastive_steps": 1, "nemu_relax_steps": 2, "nemu_relax_lr": 3e-3,
+               "eval_images": 8, "ceiling_images": 4, "ig_steps": 4, "deletion_steps": 8, "mosaics": 1},
     ),
     "cpu": Profile(
         name="cpu",
@@ -84,7 +92,8 @@ PROFILES: dict[str, Profile] = {
         temperature=0.2,
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 8, "nemu_steps": 600, "nemu_batch_size": 32, "nemu_lr": 1e-2,
-               "nemu_contrastive_steps": 150, "nemu_relax_steps": 300, "nemu_relax_lr": 3e-3},
+               "nemu_contrastive_steps": 150, "nemu_relax_steps": 300, "nemu_relax_lr": 3e-3,
+               "eval_images": 200, "ceiling_images": 32, "ig_steps": 32, "deletion_steps": 16, "mosaics": 2},
     ),
     "gpu": Profile(
         name="gpu",
@@ -100,7 +109,8 @@ PROFILES: dict[str, Profile] = {
         temperature=0.2,
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 32, "nemu_steps": 5000, "nemu_batch_size": 128, "nemu_lr": 1e-2,
-               "nemu_contrastive_steps": 1250, "nemu_relax_steps": 2500, "nemu_relax_lr": 3e-3},
+               "nemu_contrastive_steps": 1250, "nemu_relax_steps": 2500, "nemu_relax_lr": 3e-3,
+               "eval_images": 1000, "ceiling_images": 200, "ig_steps": 64, "deletion_steps": 32, "mosaics": 16},
     ),
 }
 

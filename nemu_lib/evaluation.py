@@ -41,6 +41,7 @@ from .relax import relax
 METHODS = ("NEM-U", "NEM-U contrastive", "amortised RELAX", "RELAX", "U-RELAX", "label-free gradient",
            "label-free IG", "random")
 DECODER_METHODS = {"NEM-U": "nem", "NEM-U contrastive": "nem-contrastive", "amortised RELAX": "relax"}
+CONVERGENCE_NS = (25, 50, 100, 200, 400, 800, 1600)  # RELAX's N for the convergence curve, below the full N
 # metric: (label, higher is better?)
 METRICS = {
     "relevance_mass": ("Relevance Mass Acc.", True),
@@ -173,7 +174,7 @@ def relax_convergence(
     encoder: nn.Module,
     x: Tensor,
     reference: Tensor,
-    n_masks: tuple[int, ...] = (25, 50, 100, 200, 400, 800, 1600, 3000),
+    n_masks: tuple[int, ...] = (*CONVERGENCE_NS, 3000),
     seed: int = 1000,
     progress: bool = True,
 ) -> tuple[list[int], Tensor]:

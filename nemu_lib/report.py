@@ -1,0 +1,192 @@
+"""The evaluation of one Shapes encoder on a profile: notebook 04, ``bench/quality.py`` and ``results.md``.
+
+    result = evaluate_encoder("simclr", "cpu")      # every method, every metric, on held-out test scenes
+    print(result.markdown)
+
+It loads (or trains) the encoder and its three NEM-U decoders (:mod:`nemu_lib.runs`), explains the first
+``eval_images`` test scenes with every method (:func:`nemu_lib.evaluation.explain_all`), scores them
+against the main object's mask and against RELAX, measures RELAX's convergence and noise ceiling on the
+first ``ceiling_images`` of them, runs the model randomisation test on those too (the same methods on a
+randomly initialised encoder of the same architecture; the NEM-U decoders stay the trained ones), and
+scores RELAX's reference mode on mosaics. The maps are saved in ``outputs/evaluation`` and reused when
+nothing they depend on changed (RELAX at N = 3,000 is most of the cost), so the notebook and the bench
+share one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import evaluation as ev
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Profile, get_profile, outputs_dir, seed_everything
+from .config import device as default_device
+from .data import load_split, mosaic, normalize
+from .encoders import build_encoder
+from .nem import encoder_fingerprint
+from .relax import relax
+from .runs import RUN_NAMES, pretrained_nemu
+from .ssl import pretrained_encoder
+
+CACHE_VERSION = 1  # bump when what the cache holds, or how it is computed, changes
+
+
+@dataclass
+class EncoderEvaluation:
+    """Everything notebook 04 shows for one encoder; tensors on the CPU.
+
+    Attributes:
+        encoder_kind, profile: what was evaluated.
+        images: the scenes in [0, 1] ``(N, 3, H, W)``; objects: their main-object masks ``(N, H, W)`` bool.
+        maps: ``{method: (N, H, W)}``; seconds: ``{method: seconds per image}`` (plus ``"encoder"``).
+        scores: ``{method: {metric: (N,)}}``; rows: the summary table (:func:`nemu_lib.evaluation.summarize`).
+        ns, convergence: fidelity of an independent RELAX with N masks to the reference ``(len(ns), n)``.
+        worth: ``{decoder method: N}`` at which RELAX's fidelity reaches the method's.
+        sanity: ``{method: Spearman ρ (n,)}`` between maps of the trained and a random encoder.
+        mosaic_share, mosaic_top: RELAX in reference mode on 2x2 mosaics: share of the importance above the
+            map's minimum on the queried tile (chance 0.25), and whether that tile ranks first, per query.
+    """
+
+    encoder_kind: str
+    profile: str
+    images: Tensor
+    objects: Tensor
+    maps: dict[str, Tensor]
+    seconds: dict[str, float]
+    scores: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    ns: list[int] = field(default_factory=list)
+    convergence: Tensor | None = None
+    worth: dict[str, float] = field(default_factory=dict)
+    sanity: dict[str, Tensor] = field(default_factory=dict)
+    mosaic_share: Tensor | None = None
+    mosaic_top: Tensor | None = None
+
+    @property
+    def markdown(self) -> str:
+        return ev.to_markdown(self.rows)
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def mosaic_locality(
+    encoder: nn.Module, images: Tensor, n_mosaics: int, n_masks: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """RELAX in reference mode on 2x2 mosaics of ``images`` (in [0, 1]): "why is the mosaic like tile q?".
+
+    Each mosaic is explained four times, against r = f(tile q alone). A constant offset is removed first
+    (every RELAX map sits on the similarity level, so the raw share is ~0.25 whatever the map shows).
+
+    Returns:
+        ``(share (4 n_mosaics,), top (4 n_mosaics,) bool)``: importance above the map's minimum on the
+        queried tile, and whether the queried tile has the highest mean importance.
+    """
+    dev = next(encoder.parameters()).device
+    mosaics, sources = mosaic(images, k=2, num=n_mosaics, generator=torch.Generator().manual_seed(seed))
+    side_h, side_w = images.shape[-2:]
+    share, top = [], []
+    for m in range(n_mosaics):
+        xm = normalize(mosaics[m:m + 1], encoder.mean, encoder.std).to(dev)
+        tiles = normalize(images[sources[m].flatten()], encoder.mean, encoder.std).to(dev)  # (4, C, H, W)
+        with torch.inference_mode():
+            refs = encoder(tiles)  # (4, D): r = f(tile alone), row-major like the grid
+        imp = relax(encoder, xm.expand(4, -1, -1, -1), n_masks=n_masks, reference=refs, seed=seed + m).importance
+        imp = (imp - imp.flatten(1).min(1).values[:, None, None]).cpu()  # (4, 2H, 2W)
+        tile_sums = imp.unflatten(1, (2, side_h)).unflatten(3, (2, side_w)).sum((2, 4)).flatten(1)  # (4, 4)
+        share.append(tile_sums.diagonal() / tile_sums.sum(1))
+        top.append(tile_sums.argmax(1) == torch.arange(4))
+    return torch.cat(share), torch.cat(top)
+
+
+def evaluate_encoder(
+    encoder_kind: str,
+    profile: str | Profile | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    recompute: bool = False,
+    progress: bool = True,
+) -> EncoderEvaluation:
+    """Evaluate every method on ``encoder_kind``'s explanations of the profile's held-out test scenes.
+
+    Sizes from ``profile.extra``: ``eval_images`` scenes, ``relax_masks`` (N), ``ceiling_images`` (RELAX's
+    convergence and the randomisation test), ``ig_steps``, ``deletion_steps``, ``mosaics``. ``recompute``
+    ignores the saved maps in ``outputs/evaluation``.
+    """
+    p = get_profile(profile)
+    dev = default_device(device)
+    e = p.extra
+    n, n_masks, n_ceiling = e["eval_images"], e["relax_masks"], e["ceiling_images"]
+    encoder = pretrained_encoder(encoder_kind, p, seed=seed, device=dev, progress=progress)
+    decoders = {obj: pretrained_nemu(encoder_kind, obj, p, seed=seed, encoder=encoder, device=dev, progress=progress)
+                for obj in RUN_NAMES}
+    test = load_split("test", p)
+    images, objects = test["image"][:n], test["object_mask"][:n].bool()
+    x = normalize(images, encoder.mean, encoder.std).to(dev)
+    seed_everything(seed)
+    random_encoder = build_encoder(**encoder.config).to(dev).eval()  # the same architecture, initialisation only
+
+    key = _key(CACHE_VERSION, encoder_fingerprint(encoder), {k: encoder_fingerprint(d.decoder) for k, d in
+               decoders.items()}, encoder_fingerprint(random_encoder), n, n_masks, n_ceiling, e["ig_steps"],
+               e["mosaics"], seed)
+    path = outputs_dir() / "evaluation" / f"{encoder_kind}-{p.name}-seed{seed}.pt"
+    cached = None
+    if path.exists() and not recompute:
+        try:
+            cached = load_checkpoint(path, expect={"key": key})
+        except ValueError:  # made from other encoders, decoders or sizes: computed again
+            cached = None
+    if cached is None:
+        maps, seconds = ev.explain_all(encoder, decoders, x, n_masks=n_masks, ig_steps=e["ig_steps"], seed=seed,
+                                       progress=progress)
+        seconds["encoder"] = ev.metrics.time_per_image(encoder.eval(), x[:64], repeats=5).seconds_per_image
+        ns, convergence = ev.relax_convergence(encoder, x[:n_ceiling], maps["RELAX"][:n_ceiling].to(dev),
+                                               n_masks=tuple(k for k in ev.CONVERGENCE_NS if k < n_masks) + (n_masks,),
+                                               seed=seed + 1000, progress=progress)
+        randomised = {k: ev.with_encoder(d, random_encoder) for k, d in decoders.items()}
+        random_maps, _ = ev.explain_all(random_encoder, randomised, x[:n_ceiling], n_masks=n_masks,
+                                        ig_steps=e["ig_steps"], seed=seed, progress=progress)
+        mosaic_share, mosaic_top = mosaic_locality(encoder, test["image"][n:n + 64], e["mosaics"], n_masks // 2, seed)
+        cached = {"config": {"key": key}, "maps": maps, "seconds": seconds, "ns": ns, "convergence": convergence,
+                  "random_maps": random_maps, "mosaic_share": mosaic_share, "mosaic_top": mosaic_top}
+        save_checkpoint(cached, path)
+
+    maps = cached["maps"]
+    scores = ev.score_maps(encoder, x, objects.to(dev), maps, reference=maps["RELAX"], steps=e["deletion_steps"],
+                           progress=progress)
+    # RELAX against itself is 1 by construction: its row shows the independent run's agreement instead
+    ceiling = cached["convergence"][-1].double()
+    scores["RELAX"]["fidelity_pearson"] = torch.cat([ceiling, torch.full((n - n_ceiling,), float("nan"))])
+    scores["RELAX"].pop("fidelity_spearman")
+    trained_sub = {m: v[:n_ceiling] for m, v in maps.items()}
+    sanity = ev.sanity_check(trained_sub, cached["random_maps"])
+    worth = {m: ev.worth_n_masks(cached["ns"], cached["convergence"],
+                                 float(torch.nanmean(scores[m]["fidelity_pearson"][:n_ceiling])))
+             for m in ev.DECODER_METHODS if m in scores}
+    return EncoderEvaluation(
+        encoder_kind, p.name, images, objects, maps, cached["seconds"], scores, ev.summarize(scores, cached["seconds"]),
+        cached["ns"], cached["convergence"], worth, sanity, cached["mosaic_share"], cached["mosaic_top"],
+    )
+
+
+def results_record(evaluations: list[EncoderEvaluation]) -> dict:
+    """What ``outputs/results/04_evaluation.json`` holds: the table per encoder and the headline figures."""
+    out: dict = {}
+    for r in evaluations:
+        nemu, rel = r.seconds.get("NEM-U", np.nan), r.seconds.get("RELAX", np.nan)
+        out[r.encoder_kind] = {
+            "table": r.rows,
+            "speedup_nemu_vs_relax": rel / nemu,
+            "relax_noise_ceiling_pearson": float(r.convergence[-1].mean()),
+            "nemu_worth_n_masks": r.worth,
+            "sanity_median_spearman": {m: float(v.median()) for m, v in r.sanity.items()},
+            "mosaic_share_on_queried_tile": float(r.mosaic_share.mean()),
+            "mosaic_queried_tile_first": float(r.mosaic_top.float().mean()),
+        }
+    return out
