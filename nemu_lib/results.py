@@ -1,7 +1,9 @@
 """Key results: notebooks record their figures of merit; ``make run`` gathers them into one summary.
 
 Each notebook calls ``record("01_encoders", {...})``, which writes ``outputs/results/01_encoders.json``
-atomically. ``python -m nemu_lib.results`` writes ``outputs/RESULTS.md``: one table per notebook.
+atomically. ``python -m nemu_lib.results`` (the end of ``make run``) gathers them into
+``outputs/results.md`` (one table per notebook; notebook 04's evaluation as its method x metric table per
+encoder) and ``outputs/results.json`` (everything, by notebook).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 from .config import outputs_dir
+from .evaluation import to_markdown
 
 
 def record(name: str, values: dict, profile: str | None = None) -> Path:
@@ -23,6 +26,8 @@ def record(name: str, values: dict, profile: str | None = None) -> Path:
 
 
 def _cell(value: object) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -34,18 +39,33 @@ def summarize(folder: Path) -> str:
         return "\n".join(lines + ["No results recorded yet: run `make run`."]) + "\n"
     for path in files:
         result = json.loads(path.read_text())
-        lines += [f"## {result['name']} (profile: {result.get('profile')})", "", "| quantity | value |",
-                  "|---|---|"]
-        lines += [f"| {key} | {_cell(value)} |" for key, value in result["values"].items()]
-        lines.append("")
+        lines += [f"## {result['name']} (profile: {result.get('profile')})", ""]
+        scalars = {k: v for k, v in result["values"].items() if not isinstance(v, dict)}
+        if scalars:
+            lines += ["| quantity | value |", "|---|---|"]
+            lines += [f"| {key} | {_cell(value)} |" for key, value in scalars.items()]
+            lines.append("")
+        for key, value in result["values"].items():
+            if isinstance(value, dict):  # e.g. notebook 04: one evaluation per encoder
+                lines += [f"### {key}", ""]
+                if "table" in value:
+                    lines += [to_markdown(value["table"]), ""]
+                lines += [f"- {k}: {_cell(v)}" for k, v in value.items() if k != "table"]
+                lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def gather(folder: Path) -> dict:
+    """Every ``results/*.json`` under ``folder``, by name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((folder / "results").glob("*.json"))}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     folder = Path(argv[0]) if argv else outputs_dir()
     text = summarize(folder)
-    (folder / "RESULTS.md").write_text(text)
+    atomic_write(folder / "results.md", lambda f: f.write(text.encode()))
+    atomic_write(folder / "results.json", lambda f: f.write(json.dumps(gather(folder), indent=2).encode()))
     print(text)
 
 
