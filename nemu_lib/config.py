@@ -76,7 +76,8 @@ PROFILES: dict[str, Profile] = {
         knn_k=5,
         extra={"relax_masks": 300, "relax_images": 4, "nemu_steps": 4, "nemu_batch_size": 16, "nemu_lr": 1e-2,
                "nemu_contrastive_steps": 1, "nemu_relax_steps": 2, "nemu_relax_lr": 3e-3,
-               "eval_images": 8, "ceiling_images": 4, "ig_steps": 4, "deletion_steps": 8, "mosaics": 1},
+               "eval_images": 8, "ceiling_images": 4, "ig_steps": 4, "deletion_steps": 8, "mosaics": 1,
+               "dissection_images": 64, "dissection_rotations": 1},
     ),
     "cpu": Profile(
         name="cpu",
@@ -93,7 +94,8 @@ PROFILES: dict[str, Profile] = {
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 8, "nemu_steps": 600, "nemu_batch_size": 32, "nemu_lr": 1e-2,
                "nemu_contrastive_steps": 150, "nemu_relax_steps": 300, "nemu_relax_lr": 3e-3,
-               "eval_images": 200, "ceiling_images": 32, "ig_steps": 32, "deletion_steps": 16, "mosaics": 2},
+               "eval_images": 200, "ceiling_images": 32, "ig_steps": 32, "deletion_steps": 16, "mosaics": 2,
+               "dissection_images": 1000, "dissection_rotations": 3},
     ),
     "gpu": Profile(
         name="gpu",
@@ -110,7 +112,8 @@ PROFILES: dict[str, Profile] = {
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 32, "nemu_steps": 5000, "nemu_batch_size": 128, "nemu_lr": 1e-2,
                "nemu_contrastive_steps": 1250, "nemu_relax_steps": 2500, "nemu_relax_lr": 3e-3,
-               "eval_images": 1000, "ceiling_images": 200, "ig_steps": 64, "deletion_steps": 32, "mosaics": 16},
+               "eval_images": 1000, "ceiling_images": 200, "ig_steps": 64, "deletion_steps": 32, "mosaics": 16,
+               "dissection_images": 5000, "dissection_rotations": 5},
     ),
 }
 
