@@ -286,6 +286,30 @@ def normalize(images: Tensor, mean=SHAPES_MEAN, std=SHAPES_STD) -> Tensor:
     return (images - m) / s
 
 
+class NormalizedImages:
+    """Images held compactly (uint8, or float in [0, 1]) that come out normalised when indexed.
+
+    Stands in for the normalised tensor that :func:`nemu_lib.train.train` and its validation loss take (they
+    only use ``len`` and indexing), without a float copy of the whole data set in memory (per process under
+    DDP).
+    """
+
+    def __init__(self, images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.images, self.mean, self.std = images, tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.images.shape
+
+    def __getitem__(self, index) -> Tensor:
+        x = self.images[index]
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return normalize(x, self.mean, self.std)
+
+
 def denormalize(x: Tensor, mean=SHAPES_MEAN, std=SHAPES_STD) -> Tensor:
     """Inverse of :func:`normalize`, for display."""
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]

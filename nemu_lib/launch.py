@@ -27,7 +27,7 @@ from . import ssl
 from .checkpoint import atomic_write
 from .config import PROFILES, Profile, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
-from .data import DatasetUnavailableError, ShapesScenes, load_real_dataset, load_split, normalize
+from .data import DatasetUnavailableError, NormalizedImages, ShapesScenes, load_real_dataset, load_split
 from .encoders import PRETRAINED, Encoder, WeightsUnavailableError, load_pretrained
 from .nem import NEMU, OBJECTIVES
 from .runs import profile_config
@@ -85,29 +85,6 @@ def resolve_encoder(
 def default_image_size(spec: str, dataset: str, profile: str | Profile | None = None) -> int:
     """224 px for a pretrained ResNet on a real data set, else the profile's image size."""
     return 224 if spec in PRETRAINED and dataset != "shapes" else get_profile(profile).image_size
-
-
-class NormalizedImages:
-    """Images held compactly (uint8, or float in [0, 1]) that come out normalised when indexed.
-
-    Stands in for the normalised tensor that :func:`train` and :func:`validation_loss` take (they only use
-    ``len`` and indexing), without a float copy of the whole data set in memory (per process under DDP).
-    """
-
-    def __init__(self, images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.images, self.mean, self.std = images, tuple(mean), tuple(std)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.images.shape
-
-    def __getitem__(self, index) -> Tensor:
-        x = self.images[index]
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        return normalize(x, self.mean, self.std)
 
 
 def _rank0_first(fn, group=None):

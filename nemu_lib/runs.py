@@ -20,7 +20,7 @@ from torch import Tensor
 from .checkpoint import load_checkpoint
 from .config import Profile, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
-from .data import load_split, normalize
+from .data import NormalizedImages, load_split
 from .encoders import Encoder
 from .nem import NEMU, OBJECTIVES
 from .ssl import pretrained_encoder
@@ -102,9 +102,8 @@ def pretrained_nemu(
     seed_everything(seed)  # the decoder's initialisation
     model = NEMU(encoder.eval(), uncertainty=objective == "relax").to(dev)
     train_split, val_split = load_split("train", p), load_split("val", p)
-    x_train = normalize(train_split["image"], encoder.mean, encoder.std)
-    x_val = normalize(val_split["image"][:128], encoder.mean, encoder.std)
+    x_train = NormalizedImages(train_split["image"], encoder.mean, encoder.std)  # normalised batch by batch
+    x_val = NormalizedImages(val_split["image"][:128], encoder.mean, encoder.std)
     model.history, _, _ = train_or_load(model, x_train, x_val, cfg, run_dir(encoder_kind, objective, p),
                                         progress=progress)
     return model.eval()
-
