@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import evaluation as ev
+from . import metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Profile, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
@@ -145,7 +146,7 @@ def evaluate_encoder(
     if cached is None:
         maps, seconds = ev.explain_all(encoder, decoders, x, n_masks=n_masks, ig_steps=e["ig_steps"], seed=seed,
                                        progress=progress)
-        seconds["encoder"] = ev.metrics.time_per_image(encoder.eval(), x[:64], repeats=5).seconds_per_image
+        seconds["encoder"] = metrics.time_per_image(encoder.eval(), x[:64], repeats=5).seconds_per_image
         ns, convergence = ev.relax_convergence(encoder, x[:n_ceiling], maps["RELAX"][:n_ceiling].to(dev),
                                                n_masks=tuple(k for k in ev.CONVERGENCE_NS if k < n_masks) + (n_masks,),
                                                seed=seed + 1000, progress=progress)
