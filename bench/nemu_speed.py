@@ -86,6 +86,7 @@ RELAX_N = 3000  # the N that the goal is about
 GOAL_NEMU_OVER_ENCODER = 1.3
 GOAL_RELAX_OVER_NEMU = 1000.0
 DEFAULT_MAX_WIDTH = inspect.signature(NEMU).parameters["max_width"].default
+DEFAULT_MIN_STRIDE = inspect.signature(NEMU).parameters["min_stride"].default
 GRADIENT_NAMES = ("label_free_saliency", "label_free_gradient", "gradient_saliency", "saliency", "gradient")
 
 
@@ -184,11 +185,12 @@ def _timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
 
 def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks: int, relax_images: int,
              relax_batch: int, repeats: int, seconds: float, device: torch.device, channels_last: bool,
-             bf16: bool, gradient: Callable | None, seed: int = 0) -> dict:
+             bf16: bool, gradient: Callable | None, min_stride: int = DEFAULT_MIN_STRIDE, seed: int = 0) -> dict:
     description, factory, size, _ = CASES[name]
     torch.manual_seed(seed)
     encoder = factory().to(device).eval()
-    models = {w: NEMU(encoder, max_width=w).to(device).eval() for w in widths}  # all share the encoder
+    models = {w: NEMU(encoder, max_width=w, min_stride=min_stride).to(device).eval()  # all share the encoder
+              for w in widths}
     macs = {w: count_macs(m, size, device) for w, m in models.items()}  # before channels_last: same counts
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for m in models.values():
@@ -265,7 +267,9 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
     results = []
     for b in batches:
         per_image = {key.removesuffix(f"_b{b}"): v for key, v in raw.items() if key.endswith(f"_b{b}")}
-        ratios = {}
+        # RELAX-3000 / encoder alone: the most any explainer that runs the encoder once can reach
+        ratios = {f"relax{RELAX_N}_over_encoder": [r / e for r, e in
+                                                   zip(relax_full, per_image["encoder"], strict=True)]}
         for w in widths:
             nemu = per_image[f"nemu_w{w}"]
             ratios[f"nemu_w{w}_over_encoder"] = [n / e for n, e in zip(nemu, per_image["encoder"], strict=True)]
@@ -310,6 +314,7 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
         "image_size": size,
         "encoder_params": _params(encoder),
         "encoder_macs": macs[widths[0]]["encoder"],
+        "min_stride": min_stride,
         "decoders": decoders,
         "relax": {
             "n_masks_measured": relax_masks,
@@ -349,7 +354,8 @@ def _print_case(c: dict, widths: list[int], gradient_why: str) -> None:
           f"{c['encoder_macs'] / 1e6:.1f} M MACs per image")
     for w in widths:
         d = c["decoders"][w]
-        print(f"  decoder max_width {w} (level widths {d['widths']}): {d['params'] / 1e6:.3f} M params, "
+        print(f"  decoder max_width {w}, min_stride {c['min_stride']} (level widths {d['widths']}): "
+              f"{d['params'] / 1e6:.3f} M params, "
               f"{d['macs'] / 1e6:.1f} M MACs per image = {d['macs_over_encoder']:.2f}x the encoder's")
     print(f"  RELAX measured at N = {r['n_masks_measured']} on {r['images']} image(s), "
           f"{r['masks_per_encoder_call']} masks per encoder call: {_t(r['seconds_per_image_measured']['median'])} "
@@ -370,6 +376,8 @@ def _print_case(c: dict, widths: list[int], gradient_why: str) -> None:
                 continue
             print(f"  {label:<37}{_t(q['median']):>11}{_t(q['min']):>11}{_t(q['max']):>11}"
                   f"{_x(q['median'] / enc):>10}x")
+        print(f"  bound: RELAX-{RELAX_N} / encoder alone {_r(bres['ratios'][f'relax{RELAX_N}_over_encoder'])} "
+              f"(no one-pass explainer can exceed it)")
         for w in widths:
             q1 = bres["ratios"][f"nemu_w{w}_over_encoder"]
             q2 = bres["ratios"][f"relax{RELAX_N}_over_nemu_w{w}"]
@@ -393,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-width", default=str(DEFAULT_MAX_WIDTH),
                         help=f"NEMU decoder max_width, comma-separated for several NEM-U rows "
                              f"(default {DEFAULT_MAX_WIDTH}, the library's)")
+    parser.add_argument("--min-stride", type=int, default=DEFAULT_MIN_STRIDE,
+                        help=f"NEMU decoder min_stride: the finest encoder tap it uses (default {DEFAULT_MIN_STRIDE}, "
+                             f"the library's)")
     parser.add_argument("--relax-masks", default=None,
                         help=f"N measured for RELAX, for every case (an int) or per case ('resnet50=200'); "
                              f"timings are scaled linearly to N = {RELAX_N} (default {RELAX_N})")
@@ -424,8 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         args.relax_batch, args.repeats, args.seconds = QUICK["relax_batch"], QUICK["repeats"], QUICK["seconds"]
     else:
         relax_masks = parse_per_case(args.relax_masks, dict.fromkeys(cases, RELAX_N), list(CASES), "--relax-masks")
-    if not widths or min(widths) < 1 or min(relax_masks.values()) < 1:
-        parser.error("--max-width and --relax-masks must be >= 1")
+    if not widths or min(widths) < 1 or min(relax_masks.values()) < 1 or args.min_stride < 1:
+        parser.error("--max-width, --min-stride and --relax-masks must be >= 1")
     if min(args.relax_images, args.relax_batch, args.repeats, args.threads) < 1 or args.seconds < 0:
         parser.error("--relax-images, --relax-batch, --repeats and --threads must be >= 1, --seconds >= 0")
     torch.set_num_threads(args.threads)
@@ -449,7 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         "gradient_baseline": gradient_why if gradient is not None else None,
         "gradient_baseline_missing": None if gradient is not None else gradient_why,
         "cases": [run_case(c, batches[c], widths, relax_masks[c], args.relax_images, args.relax_batch,
-                           args.repeats, args.seconds, device, args.channels_last, args.bf16, gradient)
+                           args.repeats, args.seconds, device, args.channels_last, args.bf16, gradient,
+                           args.min_stride)
                   for c in cases],
     }
     if args.json:

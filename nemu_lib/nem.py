@@ -53,8 +53,10 @@ class UNetDecoder(nn.Module):
 
     Taps finer than ``min_stride`` are not used: the logits of the finest used level are upsampled
     bilinearly to the input size instead (the 1x1 head first, then the upsampling: both are linear, so this
-    is the same map at a fraction of the cost). A full-resolution level would cost more than the encoder's
-    stem it mirrors, for masks that are smooth at that scale anyway.
+    is the same map at a fraction of the cost). The default, 4, gives masks at a quarter of the input's
+    resolution (16 x 16 logits for 64 px, 56 x 56 for 224 px): a stride-2 level costs as many multiply-adds
+    as all the coarser levels together, and on a CPU half the decoder's time (bench/nemu_speed.py), for
+    masks that are smooth at that scale anyway.
 
     Args:
         feature_channels: channels of the encoder's maps, fine to coarse.
@@ -71,7 +73,7 @@ class UNetDecoder(nn.Module):
         feature_strides: tuple[int, ...],
         out_channels: int = 1,
         max_width: int = 32,
-        min_stride: int = 2,
+        min_stride: int = 4,
     ) -> None:
         super().__init__()
         self.first = next((i for i, s in enumerate(feature_strides) if s >= min_stride), len(feature_strides) - 1)
@@ -114,12 +116,13 @@ class NEMU(nn.Module):
     Args:
         encoder: any :class:`nemu_lib.encoders.Encoder`; frozen (no gradients) and kept in eval mode.
         uncertainty: add the second head (log-variance) of the amortised-RELAX objective.
-        max_width: the decoder's channel cap per level (32 keeps NEM-U within ~1.3x the encoder's time on a
-            ResNet-50; see bench/nemu_speed.py).
-        min_stride: the finest encoder tap the decoder uses.
+        max_width: the decoder's channel cap per level.
+        min_stride: the finest encoder tap the decoder uses (masks at 1 / ``min_stride`` of the input's
+            resolution, upsampled bilinearly). ``max_width`` 32 and ``min_stride`` 4 keep NEM-U within
+            about 1.3x the encoder's time (bench/nemu_speed.py).
     """
 
-    def __init__(self, encoder: Encoder, uncertainty: bool = False, max_width: int = 32, min_stride: int = 2) -> None:
+    def __init__(self, encoder: Encoder, uncertainty: bool = False, max_width: int = 32, min_stride: int = 4) -> None:
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.uncertainty = uncertainty

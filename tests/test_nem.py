@@ -46,6 +46,20 @@ def test_torchvision_encoders(arch, size):
     assert torch.equal(z, encoder(x)) and (u > 0).all()
 
 
+@pytest.mark.parametrize(("min_stride", "first_stride"), [(1, 1), (2, 2), (3, 4), (4, 4), (16, 16), (64, 16)])
+def test_min_stride_picks_the_finest_tap_and_the_mask_is_its_upsampled_logits(min_stride, first_stride):
+    encoder = _small()  # taps at strides 1, 2, 4, 8, 16
+    model = NEMU(encoder, min_stride=min_stride)
+    assert encoder.feature_strides[model.decoder.first] == first_stride
+    assert len(model.decoder.blocks) == len(encoder.feature_strides) - 1 - model.decoder.first
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = encoder.features(x)
+        logits = model.decoder(maps, (32 // first_stride,) * 2)  # the head's own resolution: no upsampling
+        expected = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False).sigmoid()
+        assert_close(model(x)[1], expected)
+
+
 def test_too_small_input_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 16x16"):
         NEMU(_small())(torch.randn(1, 3, 8, 8))
