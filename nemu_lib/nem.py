@@ -262,16 +262,18 @@ class RelaxObjective(Objective):
 
     @torch.no_grad()
     def prepare(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> None:
-        """Start the heads at the data's level: e = mean of s_k, e^ℓ = its variance (over ``x`` and K masks).
+        """Start the heads at the data's level: e = mean of s_k, e^ℓ = the mean variance of s_k *within* an image.
 
         A fresh head gives e = sigmoid(0) = 0.5 and e^ℓ = 1, while RELAX's importance of a trained encoder
         sits near 0.9 and its uncertainty near 1e-3; an optimiser moves a bias by about its learning rate
         per step, so hundreds of steps would go into shifting two constants (as a classifier's bias starts
-        at the prior log-odds).
+        at the prior log-odds). RELAX's uncertainty is a variance over one image's masks, so the level is
+        the variance over each image's K masks, averaged over ``x``: the variance over all images would add
+        the spread of the images' mean similarities (6x too high for the cpu SimCLR encoder).
         """
-        _, s = self.similarities(model, x, model.encoder(x), generator)
+        _, s = self.similarities(model, x, model.encoder(x), generator)  # (B, K)
         level = s.mean().clamp(1e-4, 1 - 1e-4)
-        spread = s.var().clamp_min(1e-12) if s.numel() > 1 else s.new_tensor(1e-12)
+        spread = s.var(dim=1).mean().clamp_min(1e-12) if s.shape[1] > 1 else s.new_tensor(1e-12)
         bias = model.decoder.head.bias  # (1 or 2,): importance, log-variance
         bias.copy_(torch.stack([torch.logit(level), torch.log(spread)])[:len(bias)].to(bias))
 

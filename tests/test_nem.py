@@ -152,14 +152,16 @@ def test_relax_objective_uses_the_relax_similarities():
 
 
 def test_relax_prepare_starts_the_heads_at_the_similarity_level():
-    """prepare(): bias = (logit(mean s_k), log(var s_k)) over the images' K random masked copies."""
+    """prepare(): bias = (logit(mean s_k), log(mean within-image var s_k)) over the K random masked copies."""
     model = NEMU(_small(), uncertainty=True)
     x = torch.randn(3, 3, 32, 32)
     obj = build_objective("relax", n_masks=5)
     obj.prepare(model, x, torch.Generator().manual_seed(7))
     masks, s = obj.similarities(model, x, model.encoder(x), torch.Generator().manual_seed(7))  # the same draw
     assert masks.shape == (3, 5, 32, 32) and s.shape == (3, 5)
-    expected = torch.stack([torch.logit(s.mean()), torch.log(s.var())])
+    within = sum(((row - row.mean()) ** 2).sum() / (len(row) - 1) for row in s) / len(s)  # by hand, per image
+    expected = torch.stack([torch.logit(s.mean()), torch.log(within)])
+    assert within < s.var()  # the pooled variance adds the spread of the images' means
     assert_close(model.decoder.head.bias.detach(), expected)
     # one head (no uncertainty): only the importance bias
     plain = NEMU(_small())
