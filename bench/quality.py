@@ -5,8 +5,9 @@ gradient and integrated gradients, random) on the profile's held-out Shapes scen
 on locality against the main object, complexity, sparseness, deletion and insertion AUC, fidelity to RELAX
 and seconds per image, plus RELAX's noise ceiling, "NEM-U is worth N masks", the randomisation test and
 RELAX's reference mode on mosaics (:func:`nemu_lib.report.evaluate_encoder`). Encoders and decoders are
-loaded from ``outputs/`` or trained; the maps are cached in ``outputs/evaluation`` and shared with the
-notebook, so a second run only re-scores (``--recompute`` explains again). Figures, never pass/fail.
+loaded from ``outputs/`` or trained; the encoder-only maps (RELAX and the rest) are cached in
+``outputs/evaluation`` and shared with the notebook, so a second run only re-runs the decoders and re-scores
+(``--recompute`` explains everything again). Figures, never pass/fail.
 
 Usage::
 
