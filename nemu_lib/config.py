@@ -15,8 +15,10 @@ package).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,6 +151,33 @@ def device(prefer: str | torch.device | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a training or evaluation step on CUDA; elsewhere no context at all.
+
+    Returning a null context (not ``torch.autocast(..., enabled=False)``) on other devices keeps an outer
+    ``torch.autocast`` in force: the tests run every training loop under ``torch.autocast("cpu",
+    dtype=torch.bfloat16)`` to catch on a CPU the dtype errors a GPU would raise.
+    """
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Inside the block, float32 on CUDA is float32: no TF32 in convolutions (cuDNN's default) or matmuls.
+
+    TF32 keeps 10 mantissa bits (~1e-3 relative): checks that compare a by-hand computation with the
+    library's use this block, so that float32 tolerances hold on a GPU as on a CPU (where it changes nothing).
+    """
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 def seed_everything(seed: int = 0) -> torch.Generator:

@@ -286,7 +286,8 @@ def _intersections(maps_of, data, thresholds, progress) -> tuple[list[Tensor], T
 
 def random_rotation(k: int, seed: int = 0) -> Tensor:
     """A Haar-random orthogonal matrix ``(k, k)``: QR of a Gaussian matrix, signs fixed by R's diagonal."""
-    q, r = torch.linalg.qr(torch.randn(k, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same Q on every device
+    q, r = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64, device="cpu"))
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
@@ -307,8 +308,10 @@ class RotatedUnits(Encoder):
                      "config"):
             setattr(self, attr, getattr(encoder, attr))
         self.index = sorted({_layer_index(encoder, layer) for layer in layers})
+        param = next(encoder.parameters(), None)
+        device = param.device if param is not None else None  # the rotations live beside the encoder's weights
         for j, i in enumerate(self.index):
-            self.register_buffer(f"q{i}", random_rotation(self.feature_channels[i], seed + j))
+            self.register_buffer(f"q{i}", random_rotation(self.feature_channels[i], seed + j).to(device))
         last = len(self.feature_names) - 1
         self.rotates_z = last in self.index and self.embed_dim == self.feature_channels[last]
         self.train(encoder.training)  # the wrapper starts in the encoder's mode

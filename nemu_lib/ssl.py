@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Profile, get_profile, outputs_dir, seed_everything
+from .config import Profile, autocast, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
 from .data import SHAPES, load_split
 from .encoders import Encoder, build_encoder
@@ -122,7 +122,7 @@ class SimCLRAugment(nn.Module):
         after the composed map, not after each step.
         """
         b, dev = img.shape[0], img.device
-        w = _GRAY.to(img)
+        w = _GRAY.to(img.device, img.dtype)
         ones = torch.ones(3, device=dev, dtype=img.dtype)
         eye = torch.eye(3, device=dev, dtype=img.dtype).expand(b, 3, 3)
         on = (torch.rand(b, device=dev) < self.p_jitter).to(img.dtype)
@@ -150,7 +150,15 @@ class SimCLRAugment(nn.Module):
         return x.reshape(b, c, h, w)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1] -> normalised views ``(B, 3, S, S)``."""
+        """Images ``(B, 3, H, W)`` in [0, 1] -> normalised views ``(B, 3, S, S)``, in the images' dtype.
+
+        Augmentation is data preparation, not model compute: it runs in full precision with autocast off
+        (under bf16 autocast the blur's convolution would return bf16 into a float32 batch).
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            return self._augment(images)
+
+    def _augment(self, images: Tensor) -> Tensor:
         b, _, h, w = images.shape
         s, dev = self.image_size, images.device
         boxes = self.crop_boxes(b, h, w, dev).to(images.dtype)  # roi_align wants boxes of the images dtype
@@ -167,8 +175,9 @@ class SimCLRAugment(nn.Module):
 
 def _hue_rotation(angle: Tensor) -> Tensor:
     """Matrices ``(B, 3, 3)`` that rotate the chroma of RGB colours by ``angle (B,)`` radians in YIQ space."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]]).to(angle)
-    rot = torch.zeros(angle.shape[0], 3, 3).to(angle)
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          dtype=angle.dtype, device=angle.device)
+    rot = angle.new_zeros(angle.shape[0], 3, 3)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
     return torch.linalg.inv(to_yiq) @ rot @ to_yiq
@@ -234,12 +243,14 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    amp: bool = True,
 ) -> list[float]:
     """Train ``model``'s parameters with AdamW and a cosine schedule (5 % linear warm-up).
 
     ``loss_fn(idx)`` computes the loss of the batch of sample indices ``idx``; batches are reshuffled
     every epoch with a generator seeded by ``seed`` and the last incomplete batch is dropped (BatchNorm
-    and NT-Xent want full batches). On CUDA the forward runs under bf16 autocast. Returns the loss of
+    and NT-Xent want full batches). With ``amp``, on CUDA the forward runs under bf16 autocast
+    (:func:`nemu_lib.config.autocast`; an outer ``torch.autocast`` is left in force). Returns the loss of
     every step; ``callback(step, loss)`` sees them live.
     """
     if n < 1 or batch_size < 1 or epochs < 1:
@@ -264,10 +275,10 @@ def fit(
     model.train()
     with tqdm(total=total, desc=desc, disable=not progress) as bar:
         for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
+            order = torch.randperm(n, generator=gen, device="cpu")
             for b in range(steps_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                with autocast(dev, amp):
                     loss = loss_fn(idx)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: non-finite loss at step {len(history)}; lower the lr")

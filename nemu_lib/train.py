@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import autocast
 from .encoders import Encoder
 from .nem import NEMU, OBJECTIVES, build_objective, encoder_fingerprint
 
@@ -65,7 +66,8 @@ class TrainConfig:
         seed: seeds the data order and the masks.
         init_heads: ``relax``: start the heads' biases at the mean and variance of the similarities of
             randomly masked copies (:meth:`nemu_lib.nem.RelaxObjective.prepare`) when not resuming.
-        amp: bf16 autocast on CUDA (ignored on CPU).
+        amp: bf16 autocast on CUDA (:func:`nemu_lib.config.autocast`; on other devices an outer
+            ``torch.autocast`` stays in force, which is how the tests check dtype safety on a CPU).
     """
 
     objective: str = "nem"
@@ -176,12 +178,14 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`_rng_state`. RNG states must be CPU byte tensors: a checkpoint loaded with
+    ``map_location="cuda"`` brings them back on the GPU, so they are moved back first."""
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def checkpoint_config(model: NEMU, cfg: TrainConfig) -> dict:
@@ -273,7 +277,6 @@ def train(
         model.decoder = DistributedDataParallel(decoder, device_ids=[dev.index] if dev.type == "cuda" else None)
     model.train()
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda")
     bar = tqdm(total=end, initial=start, desc=f"NEM-U ({cfg.objective})", disable=not progress or rank > 0)
     try:
         for step, idx in _batches(len(images), cfg, rank, world, start):
@@ -284,7 +287,7 @@ def train(
             stats = torch.zeros(3, device=dev)  # loss and the two statistics, summed over micro-batches
             for j, chunk in enumerate(idx.split(micro)):
                 sync = j == cfg.grad_accum - 1 or world == 1
-                with (contextlib.nullcontext() if sync else model.decoder.no_sync()), autocast:
+                with (contextlib.nullcontext() if sync else model.decoder.no_sync()), autocast(dev, cfg.amp):
                     loss, s = objective(model, images[chunk].to(dev, non_blocking=True), gen)
                     (loss / cfg.grad_accum).backward()
                 stats += torch.stack([loss.detach().float(), *(s[k].float() for k in names)]) / cfg.grad_accum

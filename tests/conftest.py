@@ -1,5 +1,34 @@
-"""Shared test settings: tiny models run fastest (and most repeatably) on one thread."""
+"""Shared test settings and the device fixtures.
 
+Tiny models run fastest (and most repeatably) on one thread.
+
+Device safety on a machine without a GPU: :func:`stray_tensor_guard` makes ``meta`` the default device
+while a function runs, so any tensor it creates without naming a device (``torch.zeros(n)``, a
+``torch.tensor`` of constants) lands on ``meta`` and the first operation that mixes it with the inputs
+fails, as it would on CUDA with the inputs on the GPU and the stray tensor on the CPU. The ``device``
+fixture adds ``cuda`` where one is present (``make gpu-check``).
+"""
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Every available device: ``cpu``, and ``cuda`` when present."""
+    return torch.device(request.param)
+
+
+@contextlib.contextmanager
+def stray_tensor_guard() -> Iterator[None]:
+    """Run the block with ``meta`` as the default device: a tensor created without a device fails to mix."""
+    with torch.device("meta"):
+        yield
+
