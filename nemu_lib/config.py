@@ -153,16 +153,40 @@ def device(prefer: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def amp_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step on ``device``: ``None`` (full precision) off CUDA.
+
+    bf16 where the GPU computes it natively (compute capability 8.0 and later: A100, H100, RTX 30xx+);
+    fp16 on older GPUs such as the T4 of a free Colab runtime, which emulates bf16 slowly but has fp16
+    tensor cores (fp16 needs loss scaling: :func:`grad_scaler`).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
 def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast for a training or evaluation step on CUDA; elsewhere no context at all.
+    """Mixed precision for a training step on CUDA (dtype: :func:`amp_dtype`); elsewhere no context at all.
 
     Returning a null context (not ``torch.autocast(..., enabled=False)``) on other devices keeps an outer
     ``torch.autocast`` in force: the tests run every training loop under ``torch.autocast("cpu",
     dtype=torch.bfloat16)`` to catch on a CPU the dtype errors a GPU would raise.
     """
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = amp_dtype(device) if enabled else None
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def grad_scaler(device: str | torch.device, enabled: bool = True) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (Micikevicius et al., ICLR 2018); a pass-through for bf16 and fp32.
+
+    A disabled scaler's ``scale(loss)`` is ``loss`` and its ``step(opt)`` is ``opt.step()``, so one loop
+    serves every device.
+    """
+    device = torch.device(device)
+    on = enabled and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=on)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Profile, autocast, get_profile, outputs_dir, seed_everything
+from .config import Profile, autocast, get_profile, grad_scaler, outputs_dir, seed_everything
 from .config import device as default_device
 from .data import SHAPES, load_split
 from .encoders import Encoder, build_encoder
@@ -249,8 +249,9 @@ def fit(
 
     ``loss_fn(idx)`` computes the loss of the batch of sample indices ``idx``; batches are reshuffled
     every epoch with a generator seeded by ``seed`` and the last incomplete batch is dropped (BatchNorm
-    and NT-Xent want full batches). With ``amp``, on CUDA the forward runs under bf16 autocast
-    (:func:`nemu_lib.config.autocast`; an outer ``torch.autocast`` is left in force). Returns the loss of
+    and NT-Xent want full batches). With ``amp``, on CUDA the forward runs under autocast (bf16, or fp16 with
+    loss scaling on GPUs older than Ampere: :func:`nemu_lib.config.autocast`); on other devices an outer
+    ``torch.autocast`` is left in force. Returns the loss of
     every step; ``callback(step, loss)`` sees them live.
     """
     if n < 1 or batch_size < 1 or epochs < 1:
@@ -270,6 +271,7 @@ def fit(
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    scaler = grad_scaler(dev, amp)
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
     model.train()
@@ -283,8 +285,9 @@ def fit(
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: non-finite loss at step {len(history)}; lower the lr")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 history.append(loss.item())
                 bar.set_postfix(loss=f"{history[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")

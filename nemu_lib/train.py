@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import autocast
+from .config import autocast, grad_scaler
 from .encoders import Encoder
 from .nem import NEMU, OBJECTIVES, build_objective, encoder_fingerprint
 
@@ -66,8 +66,9 @@ class TrainConfig:
         seed: seeds the data order and the masks.
         init_heads: ``relax``: start the heads' biases at the mean and variance of the similarities of
             randomly masked copies (:meth:`nemu_lib.nem.RelaxObjective.prepare`) when not resuming.
-        amp: bf16 autocast on CUDA (:func:`nemu_lib.config.autocast`; on other devices an outer
-            ``torch.autocast`` stays in force, which is how the tests check dtype safety on a CPU).
+        amp: autocast on CUDA: bf16, or fp16 with loss scaling on GPUs older than Ampere (T4)
+            (:func:`nemu_lib.config.autocast`); on other devices an outer ``torch.autocast`` stays in force,
+            which is how the tests check dtype safety on a CPU.
     """
 
     objective: str = "nem"
@@ -160,7 +161,8 @@ def _batches(n: int, cfg: TrainConfig, rank: int, world: int, start: int) -> Ite
     while step < cfg.steps:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
-        indices = torch.tensor(list(sampler), dtype=torch.long)
+        with torch.device("cpu"):  # the sampler's randperm (CPU generator) must not follow a default device
+            indices = torch.tensor(list(sampler), dtype=torch.long)
         for b in range(offset, per_epoch):
             yield step, indices[b * per_rank:(b + 1) * per_rank]
             step += 1
@@ -253,6 +255,7 @@ def train(
     decoder = model.decoder
     opt = _optimizer(cfg, decoder.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    scaler = grad_scaler(dev, cfg.amp)
     names = objective.stat_names
     history: dict[str, list[float]] = {k: [] for k in ("step", "loss", *names, "val_step", "val_loss")}
     start = 0
@@ -262,6 +265,8 @@ def train(
         decoder.load_state_dict(ckpt["decoder"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") and scaler.is_enabled():  # fp16's loss scale (bf16 / fp32 runs save an empty one)
+            scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         history, start = ckpt["history"], ckpt["step"]
     elif cfg.init_heads:  # the same images and masks on every rank: the replicas start equal
@@ -270,8 +275,9 @@ def train(
     def save(step: int) -> None:
         if rank == 0:
             save_checkpoint({"config": config, "decoder": decoder.state_dict(),
-                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                             "step": step, "history": history}, path)
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "scaler": scaler.state_dict(), "rng": _rng_state(), "step": step,
+                             "history": history}, path)
 
     if world > 1:
         model.decoder = DistributedDataParallel(decoder, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -289,7 +295,7 @@ def train(
                 sync = j == cfg.grad_accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else model.decoder.no_sync()), autocast(dev, cfg.amp):
                     loss, s = objective(model, images[chunk].to(dev, non_blocking=True), gen)
-                    (loss / cfg.grad_accum).backward()
+                    scaler.scale(loss / cfg.grad_accum).backward()
                 stats += torch.stack([loss.detach().float(), *(s[k].float() for k in names)]) / cfg.grad_accum
             if world > 1:
                 dist.all_reduce(stats)
@@ -298,7 +304,8 @@ def train(
             if not math.isfinite(loss_value):
                 last = f"the last good checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
                 raise FloatingPointError(f"non-finite loss at step {step}: {last}; lower the lr or check the data")
-            opt.step()
+            scaler.step(opt)  # with fp16, skipped when the scaled gradients overflowed
+            scaler.update()
             sched.step()
             for k, v in zip(("step", "loss", *names), (step + 1, loss_value, stat1, stat2), strict=True):
                 history[k].append(v)

@@ -173,3 +173,31 @@ def test_dirs_default_to_cwd_when_installed(monkeypatch, tmp_path, env, fn, defa
 def test_repo_root_is_the_checkout():
     assert (config.REPO_ROOT / "nemu_lib" / "config.py").is_file()
     assert config.project_root() == config.REPO_ROOT  # this checkout has its pyproject.toml
+
+
+# ------------------------------------------------------------------------------------ mixed precision
+
+def test_amp_dtype_by_device(monkeypatch):
+    assert config.amp_dtype("cpu") is None
+    for capability, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert config.amp_dtype("cuda") == dtype  # T4: fp16; Ampere and later: bf16
+
+
+def test_autocast_keeps_an_outer_autocast_off_cuda():
+    with torch.autocast("cpu", dtype=torch.bfloat16), config.autocast("cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    with config.autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert not config.grad_scaler("cpu").is_enabled()
+
+
+def test_exact_float32_turns_tf32_off_and_restores():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with config.exact_float32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
