@@ -1,11 +1,15 @@
 """Profiles, device choice, seeding and paths.
 
 A *profile* fixes sizes only (image size, data set sizes, epochs, batch sizes); what to explain is chosen
-separately (data set, encoder). Three profiles exist:
+separately (data set, encoder). Four profiles exist:
 
 - ``smoke``: the test suite; seconds per notebook, tiny sizes, checks that the code paths run.
-- ``cpu``: a 2-core laptop; meaningful results in at most ~10 minutes per notebook.
-- ``gpu``: full size.
+- ``cpu``: a 2-core laptop; meaningful results in at most ~10 minutes per notebook (measured).
+- ``gpu``: a free Colab runtime, a T4-class GPU with 2 CPU cores; each notebook's first run is estimated at
+  <= ~5 minutes there (:func:`nemu_lib.budget.notebook_seconds`: an H100's measured throughput divided by 9,
+  the speed factor assumed for a T4 on these convnets), so ~10 minutes holds with the estimate 2x off.
+- ``full``: paper-scale Shapes on a large GPU (50,000 scenes, a 4x wider encoder, 100 SimCLR epochs:
+  ~11 minutes for notebook 01 on an H100).
 
 The profile comes from the argument, else the ``NEMU_PROFILE`` environment variable, else ``gpu`` when
 CUDA is available and ``cpu`` otherwise. ``NEMU_DATA`` and ``NEMU_OUTPUTS`` move ``data/`` and
@@ -99,8 +103,26 @@ PROFILES: dict[str, Profile] = {
                "eval_images": 200, "ceiling_images": 32, "ig_steps": 32, "deletion_steps": 16, "mosaics": 2,
                "dissection_images": 1000, "dissection_rotations": 3},
     ),
-    "gpu": Profile(
+    "gpu": Profile(  # a free Colab runtime (T4-class GPU, 2 CPU cores): each notebook <= ~5 min estimated there
         name="gpu",
+        image_size=64,
+        n_train=20_000,
+        n_val=1_000,
+        n_test=2_000,
+        encoder_widths=(32, 64, 128, 256),  # 0.12 GFLOP per 64-px image, a quarter of `full`'s
+        batch_size=256,
+        ssl_epochs=40,  # 3,120 steps of 512 views: ~4 min on a T4 (budget.notebook_seconds)
+        supervised_epochs=10,
+        lr=2e-3,
+        temperature=0.2,
+        knn_k=20,
+        extra={"relax_masks": 3000, "relax_images": 16, "nemu_steps": 2000, "nemu_batch_size": 64, "nemu_lr": 1e-2,
+               "nemu_contrastive_steps": 500, "nemu_relax_steps": 1000, "nemu_relax_lr": 3e-3,
+               "eval_images": 300, "ceiling_images": 48, "ig_steps": 32, "deletion_steps": 32, "mosaics": 8,
+               "dissection_images": 2000, "dissection_rotations": 3},
+    ),
+    "full": Profile(  # paper-scale Shapes on a large GPU: ~11 min for notebook 01 on an H100 (measured SimCLR 8.5 min)
+        name="full",
         image_size=64,
         n_train=50_000,
         n_val=2_000,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .budget import announce, forward_gflops
 from .data import concept_names
 from .encoders import Encoder, SmallResNet, TorchvisionResNet
 
@@ -89,14 +90,14 @@ class TailQuantile:
         self.q, self.seen, self.sampled = q, 0, 0
         need = total - math.floor((1 - q) * (total - 1))  # exact: the n - ⌊p⌋ largest values
         self.rate, self.keep = (1.0, need) if need <= max_tail else (max_tail / (2 * q * total), max_tail)
-        self.values = torch.empty(num_units, 0)  # (K, <= keep), largest first
+        self.values = torch.empty(num_units, 0, device="cpu")  # (K, <= keep), largest first; moved to the data's device
 
     def update(self, a: Tensor) -> None:
         """Add activations ``a (B, K, h, w)`` (or ``(B, K)``) of the next B images in data-set order."""
         flat = a.detach().transpose(0, 1).reshape(a.shape[1], -1).float()  # (K, n_b), position-major order
         n_b, self.seen = flat.shape[1], self.seen + flat.shape[1]
         if self.rate < 1:
-            flat = flat[:, (_uniform_hash(torch.arange(self.seen - n_b, self.seen)) < self.rate).to(a.device)]
+            flat = flat[:, _uniform_hash(torch.arange(self.seen - n_b, self.seen, device=a.device)) < self.rate]
         self.sampled += flat.shape[1]
         merged = torch.cat([self.values.to(flat.device), flat], dim=1)
         self.values = merged.topk(min(self.keep, merged.shape[1]), dim=1).values
@@ -219,6 +220,9 @@ def dissect(
             cache[b], room[0] = maps, room[0] - size
         return maps
 
+    first = (images if isinstance(images, Tensor) else next(iter(data))[0])[:1].to(dev)
+    announce(f"Network Dissection of {n_images} images", forward_gflops(encoder, first),
+             infer_images=2 * n_images, calls=2 * len(data), device=dev)  # two passes (one with the cache)
     was_training = encoder.training
     encoder.eval()
     try:
@@ -260,8 +264,8 @@ def _thresholds(maps_of, data, n_images, q, max_tail, n_top, progress) -> tuple[
 
 def _intersections(maps_of, data, thresholds, progress) -> tuple[list[Tensor], Tensor]:
     """Pass 2, float64 on the CPU: per layer [Σ|M_k ∧ L_c|, Σ|M_k|] ``(K, C + 1)``; Σ|L_c| ``(C,)``."""
-    inter: list[Tensor] = [torch.zeros(0)] * len(thresholds)
-    area_l = torch.zeros((), dtype=torch.float64)
+    inter: list[Tensor] = [torch.zeros(0, device="cpu")] * len(thresholds)
+    area_l = torch.zeros((), dtype=torch.float64, device="cpu")
     for b, (x, y) in enumerate(tqdm(data, desc="dissection: IoU", disable=not progress)):
         maps = maps_of(b, x, y)
         c, pixels = y.shape[1], y.shape[0] * y.shape[2] * y.shape[3]
@@ -271,7 +275,7 @@ def _intersections(maps_of, data, thresholds, progress) -> tuple[list[Tensor], T
         lab = torch.cat([lab, lab.new_ones(pixels, 1)], dim=1).view(len(y), -1, c + 1)  # (B, h w, C + 1)
         for j, a in enumerate(maps):
             t = thresholds[j].to(a.device)
-            inter[j] = inter[j] if inter[j].ndim == 2 else torch.zeros(len(t), c + 1, dtype=torch.float64)
+            inter[j] = inter[j] if inter[j].ndim == 2 else torch.zeros(len(t), c + 1, dtype=torch.float64, device="cpu")
             # bilinear values are convex combinations of the map's: only maps whose peak exceeds T_k matter
             img, unit = (a.amax(dim=(2, 3)) > t).nonzero(as_tuple=True)  # (n,) pairs (image, unit)
             step = max(1, 2**24 // lab.shape[1])  # maps per chunk: bounds the memory of the upsampled maps

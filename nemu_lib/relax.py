@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .budget import announce, forward_gflops
 from .checks import check_images
 from .masks import mask_batches
 
@@ -111,12 +112,28 @@ def _check_masks(m: Tensor, shape: tuple[int, int]) -> Tensor:
     return m
 
 
+GPU_VALUES_PER_CALL = 2**24  # masked input values per encoder call on a GPU (64 MiB of float32)
+
+
+def default_batch_size(x: Tensor) -> int:
+    """Masks per encoder call for images like ``x``: 100 on a CPU, more on a GPU.
+
+    100 was best on a 2-core CPU (one 800-image call was 2x slower; see DESIGN.md) and is the reference
+    package's, so CPU maps match it mask for mask. A GPU is launch-bound at 100 small images: there the batch
+    holds ~2^24 input values, capped at 1,000 masks (1,000 at 64 px, 111 at 224 px: a ResNet-50's activations
+    for 111 images fit a 16 GB T4).
+    """
+    if x.device.type == "cpu":
+        return 100
+    return max(100, min(1000, GPU_VALUES_PER_CALL // x[0].numel()))
+
+
 @torch.inference_mode()
 def relax(
     encoder: nn.Module,
     x: Tensor,
     n_masks: int = 3000,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     similarity: str | Similarity = "cosine",
     reference: Tensor | None = None,
     masks: Tensor | Iterable[Tensor] | None = None,
@@ -132,8 +149,9 @@ def relax(
         encoder: maps ``(n, C, H, W)`` to ``(n, D)``; put in eval mode for the call, then restored.
         x: the images; masking multiplies them, so a removed pixel becomes 0, the data set mean.
         n_masks: N, masks drawn from :func:`nemu_lib.masks.relax_masks` (ignored when ``masks`` is given).
-        batch_size: masks per encoder call (each image is masked by every mask of the batch; ~100 is best
-            on a CPU). With drawn masks the random stream depends on it exactly as the reference's does.
+        batch_size: masks per encoder call (each image is masked by every mask of the batch); default
+            :func:`default_batch_size` (100 on a CPU, up to 1,000 on a GPU). With drawn masks the random stream
+            depends on it exactly as the reference's does.
         similarity: ``"cosine"`` or a function of two ``(n, D)`` batches returning ``(n,)``.
         reference: r ``(D,)`` or ``(B, D)``: score sim(r, f(x ⊙ M)) instead of sim(f(x), f(x ⊙ M)).
         masks: your own masks, a tensor ``(N, 1, H, W)`` (split into ``batch_size`` chunks) or an iterable of
@@ -149,6 +167,7 @@ def relax(
     check_images(x, channels=getattr(encoder, "in_channels", None))
     if n_masks < 1:
         raise ValueError(f"n_masks must be >= 1, got {n_masks}")
+    batch_size = default_batch_size(x) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(similarity, str):
@@ -165,6 +184,9 @@ def relax(
     encoder.eval()
     try:
         h = encoder(x)  # (B, D)
+        if masks is None:
+            announce(f"RELAX of {b} images x {n_masks} masks", forward_gflops(encoder, x), infer_images=b * n_masks,
+                     calls=b * -(-n_masks // batch_size), device=dev)
         if reference is not None:
             reference = torch.as_tensor(reference, dtype=h.dtype, device=dev)
             if reference.ndim == 1 and reference.shape == h.shape[1:]:

@@ -27,6 +27,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from .budget import announce, forward_gflops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Profile, autocast, get_profile, grad_scaler, outputs_dir, seed_everything
 from .config import device as default_device
@@ -321,6 +322,9 @@ def train_simclr(
         p1, p2 = model["g"](model["f"](views)).float().chunk(2)
         return nt_xent(p1, p2, temperature)
 
+    steps = epochs * (len(images) // min(batch_size, len(images)))
+    announce(f"SimCLR, {steps} steps of {2 * batch_size} views", forward_gflops(encoder, images[:1].to(dev)),
+             train_images=steps * 2 * batch_size, calls=steps, device=dev)
     return fit(model, loss_fn, len(images), epochs, batch_size, lr, seed=seed, desc="SimCLR",
                progress=progress, callback=callback)
 
@@ -348,6 +352,9 @@ def train_supervised(
         logits = model["head"](model["f"](augment(images[idx].to(dev))))
         return F.cross_entropy(logits.float(), labels[idx].to(dev))
 
+    steps = epochs * (len(images) // min(batch_size, len(images)))
+    announce(f"supervised training, {steps} steps of {batch_size} images", forward_gflops(encoder, images[:1].to(dev)),
+             train_images=steps * batch_size, calls=steps, device=dev)
     return fit(model, loss_fn, len(images), epochs, batch_size, lr, seed=seed, desc="supervised",
                progress=progress, callback=callback)
 

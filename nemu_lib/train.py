@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .budget import NEMU_PASSES, announce, forward_gflops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import autocast, grad_scaler
 from .encoders import Encoder
@@ -283,6 +284,12 @@ def train(
         model.decoder = DistributedDataParallel(decoder, device_ids=[dev.index] if dev.type == "cuda" else None)
     model.train()
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    if rank == 0 and end > start:
+        passes, masked = (2, cfg.relax_masks) if cfg.objective == "relax" else (NEMU_PASSES[cfg.objective], 0)
+        images_left = (end - start) * cfg.batch_size
+        announce(f"NEM-U ({cfg.objective}), {end - start} steps of {cfg.batch_size} images",
+                 forward_gflops(model.encoder, images[:1].to(dev)), train_images=images_left * passes / 3,
+                 infer_images=images_left * masked, calls=end - start, device=dev)
     bar = tqdm(total=end, initial=start, desc=f"NEM-U ({cfg.objective})", disable=not progress or rank > 0)
     try:
         for step, idx in _batches(len(images), cfg, rank, world, start):
@@ -330,13 +337,16 @@ def load_nemu(path: str | os.PathLike, encoder: Encoder, map_location: str | tor
     """Rebuild a trained NEM-U on ``encoder`` from a checkpoint of :func:`train`.
 
     The encoder must be the one the decoder was trained on (architecture *and* weights, compared by
-    :func:`nemu_lib.nem.encoder_fingerprint`); another raises ``ValueError`` naming the difference.
+    :func:`nemu_lib.nem.encoder_fingerprint`); another raises ``ValueError`` naming the difference. The decoder
+    is built on the encoder's device (``map_location`` only says where the checkpoint's tensors are read to).
     """
     expect = {"encoder": encoder.config, "encoder_fingerprint": encoder_fingerprint(encoder)}
     ckpt = load_checkpoint(path, expect=expect, map_location=map_location)
     config = ckpt["config"]
-    model = NEMU(encoder, uncertainty=config["uncertainty"], max_width=config["max_width"],
-                 min_stride=config["min_stride"])
+    param = next(encoder.parameters(), None)
+    with torch.device(param.device if param is not None else "cpu"):  # beside the encoder, not the default device
+        model = NEMU(encoder, uncertainty=config["uncertainty"], max_width=config["max_width"],
+                     min_stride=config["min_stride"])
     model.decoder.load_state_dict(ckpt["decoder"])
     return model.eval()
 

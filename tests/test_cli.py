@@ -18,22 +18,22 @@ def _as_json(value):
 def test_profiles_prints_every_profile(capsys):
     cli.main(["profiles"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == len(PROFILES) == 3
+    assert len(lines) == len(PROFILES) == 4
     printed = {}
     for line in lines:
         name, payload = line.split(" ", 1)
         printed[name] = json.loads(payload)
-    assert set(printed) == {"smoke", "cpu", "gpu"}
+    assert set(printed) == {"smoke", "cpu", "gpu", "full"}
     for name, profile in PROFILES.items():
         assert printed[name] == _as_json(profile.as_dict())
     assert printed["smoke"]["image_size"] == 32
-    assert printed["gpu"]["encoder_widths"] == [64, 128, 256, 512]
+    assert printed["full"]["encoder_widths"] == [64, 128, 256, 512]
 
 
 def test_main_reads_sys_argv(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["nemu", "profiles"])
     cli.main()
-    assert capsys.readouterr().out.count("\n") == 3
+    assert capsys.readouterr().out.count("\n") == len(PROFILES)
 
 
 def test_pretrain_random_writes_checkpoint(capsys, tmp_path, monkeypatch):

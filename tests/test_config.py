@@ -12,7 +12,7 @@ from nemu_lib.config import PROFILES, Profile, data_dir, default_profile_name, g
 
 
 def test_profiles_by_name():
-    assert set(PROFILES) == {"smoke", "cpu", "gpu"}
+    assert set(PROFILES) == {"smoke", "cpu", "gpu", "full"}
     for name, profile in PROFILES.items():
         assert get_profile(name) is profile
         assert profile.name == name
@@ -20,7 +20,7 @@ def test_profiles_by_name():
         assert len(profile.encoder_widths) == 4
     smoke, cpu = get_profile("smoke"), get_profile("cpu")
     assert smoke.image_size == 32
-    assert smoke.n_train < cpu.n_train < get_profile("gpu").n_train
+    assert smoke.n_train < cpu.n_train < get_profile("gpu").n_train < get_profile("full").n_train
 
 
 def test_profile_instance_passes_through():
@@ -37,7 +37,7 @@ def test_profiles_are_frozen_and_as_dict():
     assert set(d) == {f.name for f in dataclasses.fields(Profile)}
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu", "full"])
 def test_profile_from_env(monkeypatch, name):
     monkeypatch.setenv("NEMU_PROFILE", name)
     assert default_profile_name() == name
@@ -56,7 +56,7 @@ def test_unknown_profile_names_choices(name):
         get_profile(name)
     message = str(info.value)
     assert repr(name) in message
-    for choice in ("smoke", "cpu", "gpu"):
+    for choice in ("smoke", "cpu", "gpu", "full"):
         assert choice in message
     assert "NEMU_PROFILE" in message
 

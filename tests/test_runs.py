@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemu_lib import runs
-from nemu_lib.config import get_profile
+from nemu_lib.config import PROFILES, get_profile
 from nemu_lib.encoders import SmallResNet
 from nemu_lib.nem import NEMU
 from nemu_lib.train import CHECKPOINT, train
@@ -37,7 +37,7 @@ def test_profile_config_of_the_cpu_profile(objective, steps, lr):
 
 
 def test_every_profile_has_the_decoder_settings():
-    for name in ("smoke", "cpu", "gpu"):
+    for name in PROFILES:
         for objective in ("nem", "nem-contrastive", "relax"):
             assert runs.profile_config(objective, name).steps >= 1
     with pytest.raises(ValueError, match="unknown objective"):
