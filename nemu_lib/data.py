@@ -119,6 +119,12 @@ def _clutter(rng: np.random.Generator, image: np.ndarray, xx: np.ndarray, yy: np
         image[dist < rng.uniform(0.008, 0.02)] = rng.uniform(0.1, 0.8, size=3)
 
 
+# Version of the scene generator below (render_scene and its helpers). Bump it whenever the rendering changes
+# (any pixel, mask, label or keypoint, or the random draws): the disk cache of rendered splits
+# (nemu_lib.scene_cache) is keyed by it, so stale files are rendered again instead of read.
+GENERATOR_VERSION = 1
+
+
 def render_scene(seed: int, index: int, image_size: int = 64) -> dict[str, np.ndarray]:
     """Draw scene ``index`` of the stream ``seed`` (pure function of its arguments).
 
@@ -265,12 +271,16 @@ class ShapesScenes(torch.utils.data.Dataset):
 
 @functools.lru_cache(maxsize=4)
 def _rendered(split: str, size: int, image_size: int, seed: int) -> dict[str, Tensor]:
-    return ShapesScenes(split, size, image_size, seed).stack()
+    from .scene_cache import cached_split  # here, not at the top: scene_cache imports this module
+
+    return cached_split(split, size, image_size, seed)
 
 
 def load_split(split: str, profile: str | Profile | None = None, seed: int = 0) -> dict[str, Tensor]:
-    """The stacked split of a profile (:meth:`ShapesScenes.stack`), rendered once per process.
+    """The stacked split of a profile (:meth:`ShapesScenes.stack`), rendered once and kept on disk.
 
+    Splits are read from the disk cache of :mod:`nemu_lib.scene_cache` (``outputs/cache/shapes``; set
+    ``NEMU_SCENE_CACHE=0`` to always render) and rendered, in worker processes when large, on a miss.
     The last four splits asked for are kept in memory and shared between callers: treat them as
     read-only (copy before modifying in place).
     """
@@ -352,15 +362,16 @@ def mosaic(
         out_size: resize each mosaic to ``out_size`` px (default: keep ``k * H`` x ``k * W``).
 
     Returns:
-        ``mosaics (num, C, k*H, k*W)`` (or ``out_size``) and ``sources (num, k, k)``: the index into
-        ``images`` of the tile at each grid position (row, column).
+        ``mosaics (num, C, k*H, k*W)`` (or ``out_size``) and ``sources (num, k, k)``, on the CPU (drawn with a
+        CPU generator, as they index a pool usually kept there): the index into ``images`` of the tile at each
+        grid position (row, column).
     """
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if k < 1 or images.shape[0] < k * k:
         raise ValueError(f"a {k}x{k} mosaic needs k >= 1 and at least {k * k} images, got {images.shape[0]}")
     n, c, h, w = images.shape
-    sources = torch.stack([torch.randperm(n, generator=generator)[: k * k] for _ in range(num)])
+    sources = torch.stack([torch.randperm(n, generator=generator, device="cpu")[: k * k] for _ in range(num)])
     tiles = images[sources.flatten()].reshape(num, k, k, c, h, w)  # (num, row, col, C, H, W)
     mosaics = tiles.permute(0, 3, 1, 4, 2, 5).reshape(num, c, k * h, k * w)
     if out_size is not None:
