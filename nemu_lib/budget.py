@@ -112,7 +112,7 @@ def announce(
     """Print ``what`` and its estimated duration when that is at least ``min_seconds``; return the estimate.
 
     >>> s = announce("SimCLR", 0.12, train_images=1e6, calls=4000, device="cpu")
-    SimCLR: about 4.3 h on a 2-core CPU (estimate; the progress bar below measures it)
+    SimCLR: about 4.4 h on a 2-core CPU (estimate; the progress bar below measures it)
     """
     speed = device_speed(device)
     seconds = estimate_seconds(gflops, train_images, infer_images, calls, speed)
@@ -191,6 +191,12 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
     return {name: seconds + NOTEBOOK_OVERHEAD for name, seconds in steps.items()}
 
 
-def minutes(seconds: float) -> int:
-    """Whole minutes, rounded up (for tables)."""
-    return max(1, math.ceil(seconds / 60))
+def expected_time(notebook: str, profile: object = None, device: str | torch.device | None = None) -> str:
+    """``notebook``'s estimated first-run time in ``profile`` on ``device``, as the notebooks print it.
+
+    >>> expected_time("03_nemu", "gpu", "cpu")
+    '~3.4 h on a 2-core CPU (estimated by nemu_lib.budget for a first run)'
+    """
+    speed = device_speed(device)
+    seconds = notebook_seconds(profile, speed)[notebook]
+    return f"~{format_seconds(seconds)} on {speed.name} (estimated by nemu_lib.budget for a first run)"
