@@ -40,18 +40,20 @@ def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
 
 
 def _trapezoid(n: int) -> tuple[Tensor, Tensor]:
-    w = torch.full((n,), 1 / (n - 1), dtype=torch.float64)
+    w = torch.full((n,), 1 / (n - 1), dtype=torch.float64, device="cpu")
     w[[0, -1]] /= 2
-    return torch.linspace(0, 1, n, dtype=torch.float64), w
+    return torch.linspace(0, 1, n, dtype=torch.float64, device="cpu"), w
 
 
 def _riemann(offset: float) -> Callable[[int], tuple[Tensor, Tensor]]:
     def rule(n: int) -> tuple[Tensor, Tensor]:
-        return (torch.arange(n, dtype=torch.float64) + offset) / n, torch.full((n,), 1 / n, dtype=torch.float64)
+        nodes = (torch.arange(n, dtype=torch.float64, device="cpu") + offset) / n
+        return nodes, torch.full((n,), 1 / n, dtype=torch.float64, device="cpu")
     return rule
 
 
-# method: n -> (nodes α_k, weights w_k) of ∫₀¹ φ(α) dα ≈ Σ_k w_k φ(α_k), float64, Σ_k w_k = 1
+# method: n -> (nodes α_k, weights w_k) of ∫₀¹ φ(α) dα ≈ Σ_k w_k φ(α_k), float64 on the CPU (whatever the default
+# device; moved to the images' device and dtype by the caller), Σ_k w_k = 1
 QUADRATURES: dict[str, Callable[[int], tuple[Tensor, Tensor]]] = {
     "gausslegendre": _gauss_legendre,
     "riemann_trapezoid": _trapezoid,

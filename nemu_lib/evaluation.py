@@ -217,9 +217,11 @@ def worth_n_masks(ns: list[int], fidelity: Tensor, target: float) -> float:
 
 def with_encoder(model: NEMU, encoder: nn.Module) -> NEMU:
     """The trained decoder of ``model`` on another encoder of the same architecture (randomisation tests)."""
-    other = NEMU(encoder, uncertainty=model.uncertainty, max_width=model.max_width, min_stride=model.min_stride)
+    dev = next(model.decoder.parameters()).device
+    with torch.device(dev):  # the new decoder is built where the trained one lives, not on the default device
+        other = NEMU(encoder, uncertainty=model.uncertainty, max_width=model.max_width, min_stride=model.min_stride)
     other.decoder.load_state_dict(model.decoder.state_dict())
-    return other.to(next(model.decoder.parameters()).device).eval()
+    return other.to(dev).eval()
 
 
 def sanity_check(trained: dict[str, Tensor], randomised: dict[str, Tensor]) -> dict[str, Tensor]:

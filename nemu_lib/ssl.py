@@ -214,7 +214,7 @@ def nt_xent(p1: Tensor, p2: Tensor, temperature: float = 0.5) -> Tensor:
     p = F.normalize(torch.cat([p1, p2]), dim=1)  # (2N, d) on the unit sphere
     logits = p @ p.T / temperature  # (2N, 2N) sim(p_i, p_k) / tau
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=p.device), float("-inf"))  # k != i
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(p.device)  # j(i)
+    positives = torch.cat([torch.arange(n, 2 * n, device=p.device), torch.arange(n, device=p.device)])  # j(i)
     return F.cross_entropy(logits, positives)
 
 
@@ -383,8 +383,8 @@ def linear_probe(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tenso
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=seed))
     with threadpool_limits(1, user_api="blas"):  # BLAS threads fighting torch's made it 40x slower
-        clf.fit(z_train.numpy(), y_train.numpy())
-        return float(clf.score(z_test.numpy(), y_test.numpy()))
+        clf.fit(z_train.cpu().numpy(), y_train.cpu().numpy())  # scikit-learn fits on the CPU
+        return float(clf.score(z_test.cpu().numpy(), y_test.cpu().numpy()))
 
 
 def knn_accuracy(
@@ -393,7 +393,8 @@ def knn_accuracy(
     """Weighted k-NN accuracy on cosine similarity (Wu et al., CVPR 2018): votes ``exp(sim / temperature)``."""
     sim = F.normalize(z_test, dim=1) @ F.normalize(z_train, dim=1).T  # (N_test, N_train)
     top, idx = sim.topk(min(k, len(z_train)), dim=1)
-    votes = torch.zeros(len(z_test), int(y_train.max()) + 1).scatter_add_(1, y_train[idx], (top / temperature).exp())
+    votes = torch.zeros(len(z_test), int(y_train.max()) + 1, device=z_test.device, dtype=top.dtype)
+    votes.scatter_add_(1, y_train[idx], (top / temperature).exp())  # (N_test, classes)
     return float((votes.argmax(1) == y_test).float().mean())
 
 
