@@ -73,7 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nemu_lib.encoders import Encoder, SmallResNet, build_encoder
 from nemu_lib.nem import NEMU
-from nemu_lib.relax import relax
+from nemu_lib.relax import default_batch_size, relax
 
 # name: (description, encoder factory, image size, batch sizes)
 CASES: dict[str, tuple[str, Callable[[], Encoder], int, tuple[int, ...]]] = {
@@ -185,7 +185,8 @@ def _timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
 
 def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks: int, relax_images: int,
              relax_batch: int, repeats: int, seconds: float, device: torch.device, channels_last: bool,
-             bf16: bool, gradient: Callable | None, min_stride: int = DEFAULT_MIN_STRIDE, seed: int = 0) -> dict:
+             bf16: bool, gradient: Callable | None, min_stride: int = DEFAULT_MIN_STRIDE, seed: int = 0,
+             compile_mode: str | None = None) -> dict:
     description, factory, size, _ = CASES[name]
     torch.manual_seed(seed)
     encoder = factory().to(device).eval()
@@ -201,6 +202,11 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
     x_all = (torch.rand(n_images, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
              - mean) / std
     x_all = x_all.contiguous(memory_format=fmt)
+    # torch.compile (CUDA graphs with mode="reduce-overhead"): the launch-bound small decoder's remedy on a GPU;
+    # the encoder alone is compiled the same way, so the ratio compares like with like
+    compiled = {} if compile_mode is None else {
+        "encoder_compiled": torch.compile(encoder, mode=compile_mode),
+        **{f"nemu_compiled_w{w}": torch.compile(m, mode=compile_mode) for w, m in models.items()}}
 
     def autocast() -> contextlib.AbstractContextManager:
         return _autocast(device, bf16)
@@ -226,6 +232,7 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
         x = x_all[:b]
         methods = [("encoder", infer(encoder, x))]
         methods += [(f"nemu_w{w}", infer(m, x)) for w, m in models.items()]
+        methods += [(key, infer(m, x)) for key, m in compiled.items()]
         if gradient is not None:
             methods.append(("gradient", with_grad(x)))
         for key, call in methods:
@@ -241,6 +248,7 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
             calls[f"{key}_b{b}"] = max(1, math.ceil(seconds / first))
             blocks.append((key, b, call))
     x_relax = x_all[:relax_images]
+    relax_batch = relax_batch or default_batch_size(x_relax)
 
     def relax_call(n: int) -> Callable[[], object]:
         def call() -> object:
@@ -274,6 +282,9 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
             nemu = per_image[f"nemu_w{w}"]
             ratios[f"nemu_w{w}_over_encoder"] = [n / e for n, e in zip(nemu, per_image["encoder"], strict=True)]
             ratios[f"relax{RELAX_N}_over_nemu_w{w}"] = [r / n for r, n in zip(relax_full, nemu, strict=True)]
+            if compiled:
+                ratios[f"nemu_compiled_w{w}_over_encoder_compiled"] = [
+                    n / e for n, e in zip(per_image[f"nemu_compiled_w{w}"], per_image["encoder_compiled"], strict=True)]
         if "gradient" in per_image:
             ratios["gradient_over_encoder"] = [g / e for g, e in zip(per_image["gradient"], per_image["encoder"],
                                                                       strict=True)]
@@ -315,6 +326,7 @@ def run_case(name: str, batches: tuple[int, ...], widths: list[int], relax_masks
         "encoder_params": _params(encoder),
         "encoder_macs": macs[widths[0]]["encoder"],
         "min_stride": min_stride,
+        "compile": compile_mode,
         "decoders": decoders,
         "relax": {
             "n_masks_measured": relax_masks,
@@ -367,6 +379,9 @@ def _print_case(c: dict, widths: list[int], gradient_why: str) -> None:
         print(f"\n  batch {b}: seconds per image{'':<11}{'median':>11}{'min':>11}{'max':>11}{'x encoder':>11}")
         rows = [("encoder alone (the limit)", s["encoder"])]
         rows += [(f"NEM-U (z, m), max_width {w}", s[f"nemu_w{w}"]) for w in widths]
+        if c["compile"]:
+            rows.append((f"encoder, compiled ({c['compile']})", s["encoder_compiled"]))
+            rows += [(f"NEM-U compiled, max_width {w}", s[f"nemu_compiled_w{w}"]) for w in widths]
         rows.append(("label-free gradient", s.get("gradient")))
         rows.append((f"RELAX-{RELAX_N} (N = {r['n_masks_measured']} x {r['extrapolation_factor']:.3g})",
                      r[f"seconds_per_image_{RELAX_N}"]))
@@ -383,6 +398,9 @@ def _print_case(c: dict, widths: list[int], gradient_why: str) -> None:
             q2 = bres["ratios"][f"relax{RELAX_N}_over_nemu_w{w}"]
             print(f"  max_width {w}: NEM-U / encoder {_r(q1)} (goal <= {GOAL_NEMU_OVER_ENCODER}); "
                   f"RELAX-{RELAX_N} / NEM-U {_r(q2)} (goal >= {GOAL_RELAX_OVER_NEMU:,.0f})")
+            if c["compile"]:
+                print(f"  max_width {w}, both compiled: NEM-U / encoder "
+                      f"{_r(bres['ratios'][f'nemu_compiled_w{w}_over_encoder_compiled'])}")
     for w in widths:
         d = c["decoders"][w]
         p = d["profile_seconds_per_image"]
@@ -408,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"N measured for RELAX, for every case (an int) or per case ('resnet50=200'); "
                              f"timings are scaled linearly to N = {RELAX_N} (default {RELAX_N})")
     parser.add_argument("--relax-images", type=int, default=1, help="images RELAX explains per call (default 1)")
-    parser.add_argument("--relax-batch", type=int, default=100, help="RELAX masks per encoder call (default 100)")
+    parser.add_argument("--relax-batch", type=int, default=None,
+                        help="RELAX masks per encoder call (default: relax.default_batch_size, 100 on a CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each method (default 3)")
     parser.add_argument("--seconds", type=float, default=0.5,
                         help="minimum length of one timed block of encoder / NEM-U calls (default 0.5)")
@@ -419,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="models and images in channels_last memory format (meant for CUDA)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around every call (meant for CUDA)")
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        help="also time the encoder and NEM-U under torch.compile with this mode (e.g. default, "
+                             "reduce-overhead: CUDA graphs); compiling takes a minute or more")
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
@@ -437,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         relax_masks = parse_per_case(args.relax_masks, dict.fromkeys(cases, RELAX_N), list(CASES), "--relax-masks")
     if not widths or min(widths) < 1 or min(relax_masks.values()) < 1 or args.min_stride < 1:
         parser.error("--max-width, --min-stride and --relax-masks must be >= 1")
-    if min(args.relax_images, args.relax_batch, args.repeats, args.threads) < 1 or args.seconds < 0:
+    if min(args.relax_images, args.relax_batch or 1, args.repeats, args.threads) < 1 or args.seconds < 0:
         parser.error("--relax-images, --relax-batch, --repeats and --threads must be >= 1, --seconds >= 0")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -461,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         "gradient_baseline_missing": None if gradient is not None else gradient_why,
         "cases": [run_case(c, batches[c], widths, relax_masks[c], args.relax_images, args.relax_batch,
                            args.repeats, args.seconds, device, args.channels_last, args.bf16, gradient,
-                           args.min_stride)
+                           args.min_stride, compile_mode=args.compile)
                   for c in cases],
     }
     if args.json:
