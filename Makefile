@@ -51,3 +51,21 @@ lab: setup
 
 clean:
 	rm -rf outputs/smoke .pytest_cache
+
+# On a GPU: pytest with CUDA, every notebook (smoke), a torchrun kill-and-resume and the benches on cuda, one
+# summary line per step (scripts/gpu_check.py; outputs/gpu-check/summary.json). No `setup` here: it runs the
+# interpreter that has torch (.venv's, else python3 as on Colab or a cluster image), installs what pyproject
+# lists with that torch pinned, and never installs this machine's torch pins. Options: GPU_CHECK_ARGS, e.g.
+# GPU_CHECK_ARGS="--only pytest,notebooks"; offline: NEMU_WHEELHOUSE=.whl (see `wheels`).
+CHECK_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+.PHONY: gpu-check wheels
+gpu-check:
+	$(CHECK_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The dev dependencies as wheels in .whl/ for an offline GPU machine: CPython $(WHEEL_PYTHON), manylinux x86_64,
+# torch and the CUDA libraries left out. WHEEL_TORCH=2.11.0 resolves against the GPU machine's torch;
+# WHEEL_EXCLUDE="numpy scipy" leaves out what it has. There: NEMU_WHEELHOUSE=.whl make gpu-check.
+WHEEL_PYTHON ?= 3.12
+wheels:
+	$(CHECK_PY) scripts/gpu_check.py --download-wheels .whl --wheel-python $(WHEEL_PYTHON) \
+	  $(if $(WHEEL_TORCH),--wheel-torch $(WHEEL_TORCH)) $(if $(WHEEL_EXCLUDE),--wheel-exclude "$(WHEEL_EXCLUDE)")

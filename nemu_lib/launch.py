@@ -248,7 +248,9 @@ def train_command(args: argparse.Namespace) -> dict[str, list[float]]:
         raise ValueError(f"{out} already holds a run ({CHECKPOINT}): pass --resume to continue it, --overwrite to "
                          "start over, or another --out")
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # torchrun (it always sets TORCHELASTIC_RUN_ID) joins a process group even with one process, so a one-GPU
+    # machine runs the NCCL path too
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     dev, setup = _init_distributed(args.device) if distributed else (default_device(args.device), None)
     try:
         rank, world = rank_world()

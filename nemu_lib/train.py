@@ -280,7 +280,8 @@ def train(
                              "scaler": scaler.state_dict(), "rng": _rng_state(), "step": step,
                              "history": history}, path)
 
-    if world > 1:
+    ddp = dist.is_available() and dist.is_initialized()  # under torchrun, one process too (NCCL is exercised)
+    if ddp:
         model.decoder = DistributedDataParallel(decoder, device_ids=[dev.index] if dev.type == "cuda" else None)
     model.train()
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
@@ -299,12 +300,12 @@ def train(
             opt.zero_grad(set_to_none=True)
             stats = torch.zeros(3, device=dev)  # loss and the two statistics, summed over micro-batches
             for j, chunk in enumerate(idx.split(micro)):
-                sync = j == cfg.grad_accum - 1 or world == 1
+                sync = j == cfg.grad_accum - 1 or not ddp
                 with (contextlib.nullcontext() if sync else model.decoder.no_sync()), autocast(dev, cfg.amp):
                     loss, s = objective(model, images[chunk].to(dev, non_blocking=True), gen)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 stats += torch.stack([loss.detach().float(), *(s[k].float() for k in names)]) / cfg.grad_accum
-            if world > 1:
+            if ddp:
                 dist.all_reduce(stats)
                 stats /= world
             loss_value, stat1, stat2 = stats.tolist()
