@@ -1,0 +1,68 @@
+"""The set-up every notebook shares, in one call: ``P, dev, out = setup(profile, seed, "03_nemu")``.
+
+A notebook's first code cell installs ``nemu_lib`` when it is missing (Colab: from ``NEMU_SOURCE``, see the
+README) and then calls :func:`setup`, which
+
+- keeps data and outputs under ``/content/nemu`` on Colab (a pip-installed package has no checkout);
+- resolves the profile (the argument, else ``NEMU_PROFILE``, else ``gpu`` with CUDA and ``cpu`` without);
+- seeds Python, NumPy and torch, and picks the device;
+- makes ``outputs/figures`` and names the notebook's figures ``<number>_<name>.png``
+  (:func:`nemu_lib.viz.savefig`);
+- sets plotting defaults;
+- prints one header: profile, device, versions, the expected wall time and where data and outputs go.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__, viz
+from .budget import expected_time
+from .config import Profile, data_dir, device, get_profile, outputs_dir, seed_everything
+
+COLAB_ROOT = "/content/nemu"  # data and outputs on Colab
+
+
+def in_colab() -> bool:
+    """Whether this kernel runs on Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def setup(
+    profile: str | Profile | None = None,
+    seed: int = 0,
+    notebook: str = "",
+    expected: dict[str, str] | None = None,
+    prefer: str | torch.device | None = None,
+) -> tuple[Profile, torch.device, Path]:
+    """Set a notebook up; return ``(P, dev, out)``: the profile, the device and ``outputs_dir()``.
+
+    Args:
+        profile: a profile or its name (``None``: ``NEMU_PROFILE`` or the hardware default).
+        seed: seeds Python, NumPy and torch.
+        notebook: the notebook's name, e.g. ``"03_nemu"``: its figures are saved as ``03_<name>.png`` and its
+            expected wall time comes from :func:`nemu_lib.budget.expected_time` unless ``expected`` has one.
+        expected: measured wall times per profile name, e.g. ``{"cpu": "~7 min on a 2-core CPU"}``.
+        prefer: the device to use (default: CUDA, else Apple MPS, else CPU).
+    """
+    if in_colab():
+        os.environ.setdefault("NEMU_DATA", f"{COLAB_ROOT}/data")
+        os.environ.setdefault("NEMU_OUTPUTS", f"{COLAB_ROOT}/outputs")
+    p = get_profile(profile)
+    seed_everything(seed)
+    dev = device(prefer)
+    out = outputs_dir()
+    viz.use_defaults(prefix=notebook.split("_")[0] if notebook else None)
+    when = (expected or {}).get(p.name)
+    if when is None and notebook:
+        when = expected_time(notebook, p, dev)
+    print(f"profile {p.name} | device {dev} ({torch.get_num_threads()} CPU threads) | torch {torch.__version__} "
+          f"| nemu_lib {__version__}")
+    if when:
+        print(f"expected wall time: {when}")
+    print(f"data    -> {data_dir()}\noutputs -> {out}")
+    return p, dev, out
