@@ -191,12 +191,40 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
     return {name: seconds + NOTEBOOK_OVERHEAD for name, seconds in steps.items()}
 
 
+# Wall times measured per notebook and profile (2-core CPU, 2026-11): what the notebooks print before an estimate.
+MEASURED = {
+    "00_setup_and_data": {"smoke": "~15 s", "cpu": "~1 min on a 2-core CPU"},
+    "01_self_supervised_encoders": {
+        "smoke": "well under a minute",
+        "cpu": "~9.5 min on a 2-core CPU (SimCLR ~6.5 min of it); ~2 min once the encoders are saved"},
+    "02_relax": {
+        "smoke": "well under a minute",
+        "cpu": "~3.6 min on an idle 2-core CPU (+ ~8 min if notebook 01's encoders must be trained first)"},
+    "03_nemu": {
+        "smoke": "under a minute on an idle CPU",
+        "cpu": "~7 min on a 2-core CPU the first time (training ~5 min), ~1-2 min once the decoders are saved"},
+    "04_evaluating_explanations": {
+        "smoke": "about a minute on an idle CPU",
+        "cpu": "~27 min on an idle 2-core CPU the first time (RELAX, two supervised decoders), ~9 min once "
+               "outputs/evaluation holds the RELAX maps"},
+    "05_network_dissection": {
+        "smoke": "under a minute",
+        "cpu": "~1.5 min on a 2-core CPU (+ ~8 min if notebook 01's encoders must be trained first)"},
+}
+
+
 def expected_time(notebook: str, profile: object = None, device: str | torch.device | None = None) -> str:
-    """``notebook``'s estimated first-run time in ``profile`` on ``device``, as the notebooks print it.
+    """``notebook``'s first-run time in ``profile`` on ``device``, as the notebooks print it: measured
+    (:data:`MEASURED`) where it was, else estimated.
 
     >>> expected_time("03_nemu", "gpu", "cpu")
     '~3.4 h on a 2-core CPU (estimated by nemu_lib.budget for a first run)'
     """
+    from .config import get_profile
+
+    p = get_profile(profile)
     speed = device_speed(device)
-    seconds = notebook_seconds(profile, speed)[notebook]
+    if p.name in MEASURED.get(notebook, {}) and speed is SPEEDS["cpu"]:
+        return MEASURED[notebook][p.name]
+    seconds = notebook_seconds(p, speed)[notebook]
     return f"~{format_seconds(seconds)} on {speed.name} (estimated by nemu_lib.budget for a first run)"

@@ -36,7 +36,6 @@ def setup(
     profile: str | Profile | None = None,
     seed: int = 0,
     notebook: str = "",
-    expected: dict[str, str] | None = None,
     prefer: str | torch.device | None = None,
 ) -> tuple[Profile, torch.device, Path]:
     """Set a notebook up; return ``(P, dev, out)``: the profile, the device and ``outputs_dir()``.
@@ -45,8 +44,7 @@ def setup(
         profile: a profile or its name (``None``: ``NEMU_PROFILE`` or the hardware default).
         seed: seeds Python, NumPy and torch.
         notebook: the notebook's name, e.g. ``"03_nemu"``: its figures are saved as ``03_<name>.png`` and its
-            expected wall time comes from :func:`nemu_lib.budget.expected_time` unless ``expected`` has one.
-        expected: measured wall times per profile name, e.g. ``{"cpu": "~7 min on a 2-core CPU"}``.
+            expected wall time is printed (:func:`nemu_lib.budget.expected_time`: measured, else estimated).
         prefer: the device to use (default: CUDA, else Apple MPS, else CPU).
     """
     if in_colab():
@@ -57,12 +55,9 @@ def setup(
     dev = device(prefer)
     out = outputs_dir()
     viz.use_defaults(prefix=notebook.split("_")[0] if notebook else None)
-    when = (expected or {}).get(p.name)
-    if when is None and notebook:
-        when = expected_time(notebook, p, dev)
     print(f"profile {p.name} | device {dev} ({torch.get_num_threads()} CPU threads) | torch {torch.__version__} "
           f"| nemu_lib {__version__}")
-    if when:
-        print(f"expected wall time: {when}")
+    if notebook:
+        print(f"expected wall time: {expected_time(notebook, p, dev)}")
     print(f"data    -> {data_dir()}\noutputs -> {out}")
     return p, dev, out

@@ -9,7 +9,7 @@ from torch import nn
 from nemu_lib import budget
 from nemu_lib.budget import SPEEDS, announce, estimate_seconds, forward_gflops, notebook_seconds
 
-# Wall times of each notebook's first run in the cpu profile on an idle 2-core CPU (README, 2026-11), minutes.
+# Wall times of each notebook's first run in the cpu profile on an idle 2-core CPU (budget.MEASURED), minutes.
 MEASURED_CPU_MINUTES = {"00_setup_and_data": 1, "01_self_supervised_encoders": 9.5, "02_relax": 3.6,
                         "03_nemu": 7, "04_evaluating_explanations": 27, "05_network_dissection": 1.5}
 
@@ -81,3 +81,9 @@ def test_device_speed_by_gpu_name(monkeypatch, name, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert budget.device_speed("cuda") is SPEEDS[expected]
     assert budget.device_speed("cpu") is SPEEDS["cpu"]
+
+
+def test_expected_time_prints_measured_times_and_estimates_the_rest():
+    assert budget.expected_time("03_nemu", "cpu", "cpu") == budget.MEASURED["03_nemu"]["cpu"]
+    assert budget.expected_time("03_nemu", "gpu", "cpu").endswith("(estimated by nemu_lib.budget for a first run)")
+    assert set(budget.MEASURED) == set(MEASURED_CPU_MINUTES)
