@@ -7,6 +7,8 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -54,3 +56,14 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch intra-op threads (default: the CPUs this process may use)")
+
+
+@contextlib.contextmanager
+def json_quiet(enabled: bool) -> Iterator[None]:
+    """With ``--json``, send what the library prints while measuring (the estimates of long steps, see
+    ``nemu_lib.budget.announce``) to stderr, so that stdout holds nothing but the JSON document."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

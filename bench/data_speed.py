@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import sync
+from _common import json_quiet, sync
 
 from nemu_lib import scene_cache
 from nemu_lib.data import GENERATOR_VERSION, ShapesScenes, normalize
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = run(args.seconds, args.split_size, args.workers, args.device)
+    with json_quiet(args.json):
+        result = run(args.seconds, args.split_size, args.workers, args.device)
     if args.json:
         print(json.dumps(result, indent=2))
         return

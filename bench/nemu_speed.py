@@ -67,7 +67,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from _common import add_device_arguments, cpu_name, parse_per_case, summary, sync
+from _common import add_device_arguments, cpu_name, json_quiet, parse_per_case, summary, sync
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -465,27 +465,28 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     gradient, gradient_why = gradient_baseline()
 
-    result = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "machine": platform.machine(),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-        "channels_last": args.channels_last,
-        "bf16_autocast": args.bf16,
-        "repeats": args.repeats,
-        "seconds_per_block": args.seconds,
-        "max_widths": widths,
-        "goals": {"nemu_over_encoder_at_most": GOAL_NEMU_OVER_ENCODER,
-                  f"relax{RELAX_N}_over_nemu_at_least": GOAL_RELAX_OVER_NEMU},
-        "gradient_baseline": gradient_why if gradient is not None else None,
-        "gradient_baseline_missing": None if gradient is not None else gradient_why,
-        "cases": [run_case(c, batches[c], widths, relax_masks[c], args.relax_images, args.relax_batch,
-                           args.repeats, args.seconds, device, args.channels_last, args.bf16, gradient,
-                           args.min_stride, compile_mode=args.compile)
-                  for c in cases],
-    }
+    with json_quiet(args.json):
+        result = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "machine": platform.machine(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "channels_last": args.channels_last,
+            "bf16_autocast": args.bf16,
+            "repeats": args.repeats,
+            "seconds_per_block": args.seconds,
+            "max_widths": widths,
+            "goals": {"nemu_over_encoder_at_most": GOAL_NEMU_OVER_ENCODER,
+                      f"relax{RELAX_N}_over_nemu_at_least": GOAL_RELAX_OVER_NEMU},
+            "gradient_baseline": gradient_why if gradient is not None else None,
+            "gradient_baseline_missing": None if gradient is not None else gradient_why,
+            "cases": [run_case(c, batches[c], widths, relax_masks[c], args.relax_images, args.relax_batch,
+                               args.repeats, args.seconds, device, args.channels_last, args.bf16, gradient,
+                               args.min_stride, compile_mode=args.compile)
+                      for c in cases],
+        }
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -24,7 +24,7 @@ import sys
 import time
 
 import torch
-from _common import add_device_arguments, cpu_name
+from _common import add_device_arguments, cpu_name, json_quiet
 
 from nemu_lib.config import PROFILES, get_profile
 from nemu_lib.report import evaluate_encoder, results_record
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     p = get_profile(args.profile)
     start = time.perf_counter()
-    evaluations = [evaluate_encoder(k, p, seed=args.seed, device=args.device, recompute=args.recompute,
-                                    progress=not args.json) for k in kinds]
+    with json_quiet(args.json):
+        evaluations = [evaluate_encoder(k, p, seed=args.seed, device=args.device, recompute=args.recompute,
+                                        progress=not args.json) for k in kinds]
     record = results_record(evaluations)
     info = {"profile": p.name, "device": args.device, "threads": args.threads, "cpu": cpu_name(),
             "torch": torch.__version__, "images": p.extra["eval_images"], "relax_masks": p.extra["relax_masks"],

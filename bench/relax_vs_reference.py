@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 
 import relax_xai.relax as reference_relax
 import torch
-from _common import add_device_arguments, cpu_name, parse_per_case, summary, sync
+from _common import add_device_arguments, cpu_name, json_quiet, parse_per_case, summary, sync
 from torch import Tensor, nn
 
 from nemu_lib.encoders import SmallResNet, build_encoder
@@ -242,15 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    result = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "machine": platform.machine(),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-        "cases": [run_case(c, n_masks[c], args.images, args.mask_batch, args.repeats, device) for c in cases],
-    }
+    with json_quiet(args.json):
+        result = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "machine": platform.machine(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "cases": [run_case(c, n_masks[c], args.images, args.mask_batch, args.repeats, device) for c in cases],
+        }
     if args.json:
         print(json.dumps(result, indent=2))
         return
