@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import data_dir
-from .data import DatasetUnavailableError
+from .real_data import DatasetUnavailableError
 
 BRODEN_URL = "http://netdissect.csail.mit.edu/data/broden1_224.zip"  # ~1 GB; unpacks to broden1_224/
 BRODEN_CATEGORIES = ("color", "object", "part", "material", "scene", "texture")
@@ -72,7 +72,7 @@ class BrodenScenes(torch.utils.data.Dataset):
 def load_broden(root: str | Path | None = None, **kwargs) -> BrodenScenes:
     """Broden from ``root`` (default ``data_dir() / "broden1_224"``); keyword arguments go to :class:`BrodenScenes`.
 
-    Nothing is downloaded here; without the folder, raises :class:`~nemu_lib.data.DatasetUnavailableError`
+    Nothing is downloaded here; without the folder, raises :class:`~nemu_lib.real_data.DatasetUnavailableError`
     that says what to fetch and where to unpack it.
     """
     root = Path(root) if root is not None else data_dir() / "broden1_224"

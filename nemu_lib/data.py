@@ -1,4 +1,4 @@
-"""Data: the embedded synthetic Shapes scenes, mosaics, and loaders for real data sets.
+"""Data: the embedded synthetic Shapes scenes, their splits, normalisation and mosaics.
 
 ``ShapesScenes`` draws procedural scenes that need no files and no internet: a textured or smooth
 background with clutter, one *main* object on top and up to two smaller distractors. Each scene is a pure
@@ -9,21 +9,20 @@ shape class (for a supervised baseline) and its keypoints (centre and corners).
 
 Images are float ``(3, H, W)`` in [0, 1]; models take them normalised with :func:`normalize` (the data
 set's mean and std), so that a masked-out pixel (value 0 after normalisation) equals the data set mean.
+Real data sets (STL10, Imagenette, VOC) are in :mod:`nemu_lib.real_data`.
 """
 
 from __future__ import annotations
 
 import functools
-import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import Profile, data_dir, get_profile
+from .config import Profile, get_profile
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 COLOURS = {
@@ -345,6 +344,28 @@ def concept_masks(concepts: Tensor) -> Tensor:
     return torch.stack(planes, dim=1)
 
 
+def scene_factors(split: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-scene labels ``(N,)`` of the main object's shape, colour and texture and of the background type.
+
+    ``split`` is a stacked split (:meth:`ShapesScenes.stack`, :func:`load_split`) with ``label``, ``object_mask``
+    ``(N, H, W)`` and ``concepts`` ``(N, 4, H, W)``. The main object lies on top and stays whole, so every pixel of
+    its mask carries its colour and texture in the concept maps (value ``v + 1`` for concept ``v``); every
+    background pixel carries the scene's background type. Values index ``CONCEPT_CATEGORIES[factor]``.
+
+    >>> f = scene_factors(load_split("test", "smoke"))
+    >>> sorted(f), f["colour"].shape
+    (['background', 'colour', 'shape', 'texture'], torch.Size([64]))
+    """
+    obj = split["object_mask"]  # (N, H, W) bool
+    concepts = split["concepts"].long()  # (N, 4, H, W): shape, colour, texture, background
+    return {
+        "shape": split["label"],
+        "colour": (concepts[:, 1] * obj).amax(dim=(1, 2)) - 1,
+        "texture": (concepts[:, 2] * obj).amax(dim=(1, 2)) - 1,
+        "background": concepts[:, 3].amax(dim=(1, 2)) - 1,
+    }
+
+
 def mosaic(
     images: Tensor,
     k: int = 2,
@@ -378,79 +399,3 @@ def mosaic(
         mosaics = torch.nn.functional.interpolate(mosaics, size=(out_size, out_size), mode="bilinear",
                                                   antialias=True, align_corners=False)
     return mosaics, sources.reshape(num, k, k)
-
-
-# ---------------------------------------------------------------- real data sets (need internet once)
-
-class DatasetUnavailableError(RuntimeError):
-    """A real data set is neither on disk nor downloadable (offline)."""
-
-
-_REAL = {  # name: (download host, approximate size, what to place by hand)
-    "stl10": ("ai.stanford.edu", "2.6 GB", "stl10_binary/ (from stl10_binary.tar.gz)"),
-    "imagenette": ("s3.amazonaws.com", "99 MB", "imagenette2-160/ (from imagenette2-160.tgz)"),
-    "voc": ("host.robots.ox.ac.uk", "2 GB", "VOCdevkit/VOC2012/ (from VOCtrainval_11-May-2012.tar)"),
-}
-
-
-def _online(host: str, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_real_dataset(
-    name: str,
-    split: str = "train",
-    image_size: int = 96,
-    root: str | Path | None = None,
-    download: bool = True,
-) -> torch.utils.data.Dataset:
-    """STL10, Imagenette or VOC 2012 (segmentation) through torchvision, resized to ``image_size``.
-
-    Items are ``(image (3, S, S) in [0, 1], target)``: the class index (STL10, Imagenette; -1 for STL10's
-    unlabelled split) or the segmentation mask ``(S, S)`` (VOC). Files land in ``root`` (default
-    ``data_dir() / name``). Offline, with the files absent, raises :class:`DatasetUnavailableError` that
-    says where to put them; the embedded :class:`ShapesScenes` need no files.
-
-    Splits: stl10 ``unlabeled`` / ``train`` / ``test`` / ``train+unlabeled``; imagenette ``train`` /
-    ``val``; voc ``train`` / ``val``.
-    """
-    import torchvision
-    from torchvision.transforms import v2
-
-    if name not in _REAL:
-        raise ValueError(f"unknown data set {name!r}: choose one of {list(_REAL)} (or use ShapesScenes offline)")
-    root = Path(root) if root is not None else data_dir() / name
-    image_tf = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-                           v2.ToDtype(torch.float32, scale=True)])
-    mask_tf = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, interpolation=v2.InterpolationMode.NEAREST),
-                          v2.CenterCrop(image_size), v2.Lambda(lambda m: m[0].long())])
-
-    def build(dl: bool) -> torch.utils.data.Dataset:
-        if name == "stl10":
-            return torchvision.datasets.STL10(root, split=split, transform=image_tf, download=dl)
-        if name == "imagenette":
-            return torchvision.datasets.Imagenette(root, split=split, size="160px", transform=image_tf, download=dl)
-        return torchvision.datasets.VOCSegmentation(root, year="2012", image_set=split, transform=image_tf,
-                                                    target_transform=mask_tf, download=dl)
-
-    try:
-        return build(False)
-    except (RuntimeError, FileNotFoundError, OSError):
-        pass  # not on disk (torchvision raises one of these), try downloading
-    host, size, layout = _REAL[name]
-    if download and _online(host):
-        try:
-            return build(True)
-        except OSError as err:  # URLError is an OSError
-            reason = f"the download failed ({err})"
-    else:
-        reason = "this machine is offline" if download else "download=False"
-    raise DatasetUnavailableError(
-        f"{name} ({split}) is not in {root} and {reason}. It needs internet once to download (~{size}); "
-        f"or place {layout} in {root} by hand. The embedded Shapes scenes work offline: "
-        "nemu_lib.data.ShapesScenes(...)"
-    )

@@ -18,6 +18,11 @@ maps whose peak stays below T_k (bilinear values never exceed it). Layers are th
 original concept set, Broden, needs a ~1 GB download (:func:`nemu_lib.broden.load_broden`); the Shapes scenes carry
 pixel-wise concepts offline (:func:`nemu_lib.data.concept_masks`).
 
+Reading a result: :func:`totals` (detectors per layer and category), :func:`detectors_per_layer`,
+:func:`unique_concepts`, :func:`best_by_category` (the best IoU per layer and category); :func:`unit_masks`
+recomputes one unit's M_k(x) on a few images; :func:`concept_shares` and :func:`iou_ceiling` give the bound
+IoU <= q / s_c that no unit can pass for a concept covering a share s_c of the pixels.
+
 Reference: Bau, D., Zhou, B., Khosla, A., Oliva, A., Torralba, A. *Network Dissection: Quantifying
 interpretability of deep visual representations.* CVPR 2017, arXiv 1704.05796.
 """
@@ -25,7 +30,7 @@ interpretability of deep visual representations.* CVPR 2017, arXiv 1704.05796.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -286,6 +291,72 @@ def _intersections(maps_of, data, thresholds, progress) -> tuple[list[Tensor], T
                 counts = lab.new_zeros(len(t), c + 1).index_add_(0, u[n], lab[i[n], pix])  # Σ_p M_kp [L_p, 1]
                 inter[j] += counts.double().cpu()
     return inter, area_l
+
+
+def concept_shares(labels: Tensor) -> Tensor:
+    """s_c, the share of all pixels of the data set labelled with concept c: labels ``(N, C, H, W)`` -> ``(C,)``
+    float64.
+
+    >>> concept_shares(torch.tensor([[[[1, 0]], [[1, 1]]]], dtype=torch.bool))
+    tensor([0.5000, 1.0000], dtype=torch.float64)
+    """
+    return labels.double().mean(dim=(0, 2, 3))
+
+
+def iou_ceiling(share: Tensor, top_quantile: float = 0.005) -> Tensor:
+    """The best IoU a unit mask covering a share q of the pixels can reach with a concept covering a share s_c:
+
+        IoU <= |M| / |L| = q / s_c   (when M is inside L; 1 when s_c <= q),
+
+    so at the paper's settings (q = 0.5 %, detectors above IoU 0.04) no concept above q / 0.04 = 12.5 % of the
+    pixels can be detected. ``share (C,)`` from :func:`concept_shares`; returns ``(C,)``.
+
+    >>> iou_ceiling(torch.tensor([0.001, 0.05, 0.25]), 0.005)
+    tensor([1.0000, 0.1000, 0.0200])
+    """
+    return (top_quantile / share).clamp(max=1.0)
+
+
+def totals(result: Mapping[str, Dissection]) -> dict[str, dict[str, int]]:
+    """Detector units per layer and category, ``{layer: {category: count}}``, from :func:`dissect`'s result.
+
+    A unit counts once, for its best concept, under that concept's category (:meth:`Dissection.counts`).
+    """
+    return {layer: r.counts() for layer, r in result.items()}
+
+
+def detectors_per_layer(result: Mapping[str, Dissection]) -> list[int]:
+    """The number of detector units of each layer, in the result's order (fine to coarse)."""
+    return [int(r.detectors.sum()) for r in result.values()]
+
+
+def unique_concepts(result: Mapping[str, Dissection]) -> int:
+    """The number of distinct concepts detected by at least one unit of any layer."""
+    return len({r.concepts[c] for r in result.values() for c in r.best_concept[r.detectors].tolist()})
+
+
+def best_by_category(result: Mapping[str, Dissection]) -> dict[str, list[float]]:
+    """``{category: [max over units k and the category's concepts c of IoU_{k,c}, one per layer]}``: how close
+    the best unit of each layer comes to detecting a concept of each category."""
+    first = next(iter(result.values()))
+    cols = {cat: [j for j, c in enumerate(first.categories) if c == cat] for cat in dict.fromkeys(first.categories)}
+    return {cat: [r.iou[:, idx].max().item() for r in result.values()] for cat, idx in cols.items()}
+
+
+@torch.inference_mode()
+def unit_masks(encoder: Encoder, x: Tensor, layer: str | int, unit: int, threshold: float | Tensor,
+               size: tuple[int, int] | None = None) -> Tensor:
+    """M_k(x) = [S(A_k(x)) > T_k] for the images ``x (B, C, H, W)`` (normalised): unit ``unit`` of ``layer``
+    upsampled bilinearly to ``size`` (default: the images' size) and thresholded, ``(B, *size)`` bool on the CPU.
+
+    ``threshold`` is the unit's T_k, e.g. ``dissect(...)[layer].thresholds[unit]``; the masks are those whose
+    overlaps with the labels :func:`dissect` sums.
+    """
+    param = next(encoder.parameters(), None)
+    dev = param.device if param is not None else x.device
+    a = encoder.features(x.to(dev))[_layer_index(encoder, layer)][:, unit:unit + 1].float()  # (B, 1, h, w)
+    up = F.interpolate(a, size=size or tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    return (up > torch.as_tensor(threshold, device=up.device)).cpu()
 
 
 def random_rotation(k: int, seed: int = 0) -> Tensor:

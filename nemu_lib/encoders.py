@@ -28,7 +28,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from .checks import check_images
 from .config import data_dir
-from .data import SHAPES_MEAN, SHAPES_STD, _online
+from .data import SHAPES_MEAN, SHAPES_STD
+from .real_data import _online
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -19,7 +19,11 @@ constant would otherwise decide all three; the other metrics do not change under
 
 RELAX's own Monte-Carlo noise sets the ceiling of every fidelity figure: :func:`relax_convergence` runs an
 independent RELAX in growing chunks and gives its fidelity to the reference at each N, which also says how
-many masks NEM-U is worth (:func:`worth_n_masks`).
+many masks NEM-U is worth (:func:`worth_n_masks`, on :func:`mean_fidelity`; in words: :func:`describe_worth`).
+
+To read the table: :func:`object_share` is the locality metrics' chance level, :func:`where_the_maximum_is` says
+where a map's top pixels lie (what the Pointing Game reads), :func:`level_and_pattern` splits a map's agreement
+with RELAX into the level across images and the pattern within them.
 """
 
 from __future__ import annotations
@@ -170,6 +174,70 @@ def score_maps(
     return scores
 
 
+def object_share(objects: Tensor) -> Tensor:
+    """K / n per image: the share of the pixels that the main object covers, ``(N, H, W)`` -> ``(N,)`` float64.
+
+    It is the chance level of the locality metrics: a map unrelated to the object puts about this share of its
+    mass, of its top-K pixels and of its maxima on the object.
+
+    >>> object_share(torch.tensor([[[1, 0], [0, 0]], [[1, 1], [1, 0]]]))
+    tensor([0.2500, 0.7500], dtype=torch.float64)
+    """
+    return objects.flatten(1).double().mean(1)
+
+
+def where_the_maximum_is(maps: Tensor, objects: Tensor, plateau: float = 0.01, top: float = 0.01) -> dict[str, float]:
+    """Where the top of each map lies, to read the Pointing Game: maps ``(N, H, W)``, objects ``(N, H, W)`` bool.
+
+    Returns the means over the N maps of
+
+    - ``"argmax on border"``: whether the (first) maximum lies on the image's outermost ring of pixels;
+    - ``"plateau pixels (median)"``: the median over maps of the plateau's size, the pixels within ``plateau``
+      of the map's range from its maximum, a >= max a - plateau (max a - min a);
+    - ``"plateau share on object"``: the share of the plateau's pixels on the object;
+    - ``"top 1 % share on object"``: the share of the map's top ``top`` pixels (at least one) on the object.
+
+    >>> a = torch.zeros(1, 4, 4); a[0, 1, 1] = 1.0; g = torch.zeros(1, 4, 4, dtype=torch.bool); g[0, 1, 1] = True
+    >>> where_the_maximum_is(a, g)["argmax on border"], where_the_maximum_is(a, g)["plateau share on object"]
+    (0.0, 1.0)
+    """
+    a = maps.flatten(1).double()  # (N, n)
+    side = maps.shape[-1]
+    best = a.argmax(1)
+    row, col = best // side, best % side
+    border = (row == 0) | (col == 0) | (row == maps.shape[-2] - 1) | (col == side - 1)
+    lo, hi = a.min(1, keepdim=True).values, a.max(1, keepdim=True).values
+    flat = a >= hi - plateau * (hi - lo)  # (N, n) the plateau
+    g = objects.flatten(1).bool().to(a.device)
+    top_k = a.topk(max(1, int(a.shape[1] * top + 1e-9)), dim=1).indices  # (N, k) the top pixels
+    return {"argmax on border": border.double().mean().item(),
+            "plateau pixels (median)": flat.sum(1).double().median().item(),
+            "plateau share on object": ((flat & g).sum(1) / flat.sum(1)).double().mean().item(),
+            "top 1 % share on object": g.gather(1, top_k).double().mean().item()}
+
+
+def level_and_pattern(reference: Tensor, maps: Tensor) -> dict[str, float]:
+    """How a map predicts RELAX's ``reference`` in its two parts, each ``(N, H, W)``: level and pattern.
+
+    The *level* of a map is its mean over the image (for RELAX: the average similarity of the masked copies),
+    the *pattern* its variation around that level. Returns
+
+    - ``"level r"``: Pearson r across the N images between the maps' levels and the reference's;
+    - ``"level"``, ``"reference level"``: the mean level over all images;
+    - ``"spread"``, ``"reference spread"``: the mean over images of the standard deviation within an image.
+
+    The pattern's agreement within an image is the Pearson fidelity of :func:`score_maps`.
+
+    >>> r = level_and_pattern(torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]]]), torch.tensor([[[0.0, 4.0]], [[3.0, 3.0]]]))
+    >>> round(r["level r"], 6), r["level"], r["reference level"]
+    (1.0, 2.5, 3.0)
+    """
+    ref, a = reference.flatten(1).double(), maps.flatten(1).double()  # (N, n)
+    return {"level r": torch.corrcoef(torch.stack([ref.mean(1), a.mean(1)]))[0, 1].item(),
+            "level": a.mean().item(), "reference level": ref.mean().item(),
+            "spread": a.std(1).mean().item(), "reference spread": ref.std(1).mean().item()}
+
+
 def relax_convergence(
     encoder: nn.Module,
     x: Tensor,
@@ -213,6 +281,24 @@ def worth_n_masks(ns: list[int], fidelity: Tensor, target: float) -> float:
             t = (target - f0) / (f1 - f0)
             return float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))
     return math.inf
+
+
+def mean_fidelity(scores: dict[str, dict[str, Tensor]], n: int) -> dict[str, float]:
+    """Each method's mean Pearson fidelity to RELAX over the first ``n`` images (NaN-aware), the scenes of
+    :func:`relax_convergence`, so that it can be read on that curve with :func:`worth_n_masks`."""
+    return {m: torch.nanmean(s["fidelity_pearson"][:n].double()).item() for m, s in scores.items()
+            if "fidelity_pearson" in s}
+
+
+def describe_worth(n: float, ns: list[int]) -> str:
+    """:func:`worth_n_masks`'s answer in words: ``"< 25 masks"``, ``"36 masks"`` or ``"> 3000 masks"``.
+
+    >>> describe_worth(0.0, [25, 3000]), describe_worth(36.2, [25, 3000]), describe_worth(math.inf, [25, 3000])
+    ('< 25 masks', '36 masks', '> 3000 masks')
+    """
+    if n == 0:
+        return f"< {ns[0]} masks"
+    return f"> {ns[-1]} masks" if math.isinf(n) else f"{n:,.0f} masks"
 
 
 def with_encoder(model: NEMU, encoder: nn.Module) -> NEMU:

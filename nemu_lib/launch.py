@@ -27,9 +27,10 @@ from . import ssl
 from .checkpoint import atomic_write
 from .config import PROFILES, Profile, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
-from .data import DatasetUnavailableError, NormalizedImages, ShapesScenes, load_real_dataset, load_split
+from .data import NormalizedImages, ShapesScenes, load_split
 from .encoders import PRETRAINED, Encoder, WeightsUnavailableError, load_pretrained
 from .nem import NEMU, OBJECTIVES
+from .real_data import DatasetUnavailableError, load_real_dataset
 from .runs import profile_config
 from .train import CHECKPOINT, TrainConfig, rank_world, train
 
@@ -131,7 +132,7 @@ def training_images(
     ``shapes``: the profile's Shapes splits (``n_train``, ``n_val``). A real data set (``imagenette``,
     ``stl10``, ``voc``): a random subset of at most as many images of its training and validation splits,
     resized and centre-cropped to ``image_size`` (needs internet once; offline
-    :class:`~nemu_lib.data.DatasetUnavailableError` says where to put the files).
+    :class:`~nemu_lib.real_data.DatasetUnavailableError` says where to put the files).
     """
     p = get_profile(profile)
     if dataset == "shapes":

@@ -332,3 +332,53 @@ def time_per_image(
         seconds.append(perf_counter() - start)
     per_image = sorted(seconds)[(repeats - 1) // 2] / len(x)  # the (lower) median
     return Timing(per_image, 1 / per_image, seconds, len(x))
+
+
+def object_contrast(a: Tensor, gt: Tensor) -> Tensor:
+    """How much higher a map is inside the ground truth than outside it, in units of its spread, ``(B,)``.
+
+    C = (mean_{p∈GT} a_p − mean_{p∉GT} a_p) / std_p(a), with the sample standard deviation over the map's
+    pixels (n − 1). Unlike the mass accuracy it ignores the map's level: a RELAX map sits on the average
+    similarity (~0.9) and varies by ~1e-3 around it, so only its pattern can favour the object. NaN for a
+    constant map, or when GT covers the whole image.
+
+    >>> object_contrast(torch.tensor([[[3.0, 1.0], [1.0, 1.0]]]), torch.tensor([[[True, False], [False, False]]]))
+    tensor([2.], dtype=torch.float64)
+    """
+    a, gt = _check_locality(a, gt)  # (B, n) float64, (B, n) bool
+    inside = (a * gt).sum(1) / gt.sum(1)
+    outside = (a * ~gt).sum(1) / (~gt).sum(1)  # 0 / 0 = NaN without a background
+    spread = a.std(1)
+    return _no_mass_to_nan((inside - outside) / torch.where(spread > 0, spread, 1), spread)
+
+
+def relative_rms_error(a: Tensor, ref: Tensor) -> Tensor:
+    """Root-mean-square difference of two map batches ``(B, H, W)``, in units of the reference's spread, ``(B,)``.
+
+    E = sqrt(mean_p (a_p − ref_p)²) / std_p(ref) (sample standard deviation, n − 1): 1 means an error as large
+    as the variation the reference map shows, which is what a map is read for. NaN for a constant reference.
+    Used for RELAX's Monte-Carlo error against a run with many more masks (notebook 02).
+    """
+    a, ref = _check_maps(a), _check_maps(ref, "ref")
+    if a.shape != ref.shape:
+        raise ValueError(f"a and ref must have the same shape, got {tuple(a.shape)} and {tuple(ref.shape)}")
+    spread = ref.flatten(1).std(1)
+    rms = (a - ref).flatten(1).square().mean(1).sqrt()
+    return _no_mass_to_nan(rms / torch.where(spread > 0, spread, 1), spread)
+
+
+def tile_means(a: Tensor, k: int) -> Tensor:
+    """The mean of each of the ``k x k`` equal tiles of maps ``a (B, kh, kw)``, row by row, ``(B, k * k)``.
+
+    Tile t = k r + c covers rows r h … (r + 1) h − 1 and columns c w … (c + 1) w − 1, numbered as
+    :func:`nemu_lib.data.mosaic` numbers the scenes of a mosaic. In RELAX's reference mode the tile whose
+    scene gave the reference should have the highest mean importance.
+
+    >>> tile_means(torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), 2)
+    tensor([[1., 2., 3., 4.]], dtype=torch.float64)
+    """
+    a = _check_maps(a)
+    b, height, width = a.shape
+    if k < 1 or height % k or width % k:
+        raise ValueError(f"maps of {height} x {width} px do not split into {k} x {k} equal tiles")
+    return a.view(b, k, height // k, k, width // k).mean((2, 4)).flatten(1)  # (B, k, k) -> (B, k * k)

@@ -19,6 +19,10 @@ Only the decoder is trained, with one of three objectives (d(a, b) = (1 − cos(
   minimiser e^ℓ = Σ M (s − e)² / Σ M is RELAX's uncertainty — one-pass importance *and* uncertainty.
 
 Masks multiply the *normalised* image: a removed pixel becomes 0, the data set mean.
+
+How good and how dear the masks are: :func:`mask_quality` (kept similarity, against another image's mask,
+area, overlap with the object, per image) and :func:`summarize_quality`, :func:`complement_similarity` (what
+the removed part still holds), :func:`multiply_adds` (the decoder's cost beside the encoder's).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .encoders import Encoder
 from .masks import relax_masks
@@ -160,6 +165,101 @@ class NEMU(nn.Module):
         z, logits = self.logits(x)
         u = logits[:, 1:2].exp() if self.uncertainty else None
         return z, torch.sigmoid(logits[:, :1]), u
+
+
+# ------------------------------------------------------------------------------- cost and mask quality
+
+def multiply_adds(model: NEMU, x: Tensor) -> tuple[float, float]:
+    """Multiply-adds per image of the encoder and of the decoder, ``(encoder, decoder)``, at ``x``'s size.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on ``x[:1]`` (FLOPs / 2): convolutions and matrix
+    products only; normalisations, activations and interpolations are left out. A conv layer costs
+    C_in · C_out · k_h · k_w · H_out · W_out (per group: C_in / groups). The decoder's count is what the mask
+    adds to the representation's price.
+
+    >>> enc, dec = multiply_adds(NEMU(encoder), x)            # e.g. 1.0e6 and 0.2e6 for the smoke small ResNet
+    """
+    x1 = x[:1]
+    with torch.no_grad():
+        maps = model.encoder.features(x1)
+
+    def count(fn, *args) -> float:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn(*args)
+        return counter.get_total_flops() / 2
+
+    return count(model.encoder, x1), count(model.decoder, maps, (x1.shape[-2], x1.shape[-1]))
+
+
+@torch.inference_mode()
+def mask_quality(model: NEMU, x: Tensor, obj: Tensor, batch_size: int = 64) -> dict[str, Tensor]:
+    """How good a NEM-U model's masks of ``x (B, C, H, W)`` are, per image: a dict of ``(B,)`` float64 on the CPU.
+
+    With the mask m of each image, its main object's mask o ``(B, H, W)`` or ``(B, 1, H, W)`` (bool or 0/1) and
+    f the model's encoder:
+
+    - ``sim``: the kept similarity cos(f(x), f(x ⊙ m));
+    - ``sim_control``: cos(f(x), f(x ⊙ m')) with m' the mask of the *previous* image (image 0 takes the last
+      one's): a mask of the same kind and size, unrelated to the image;
+    - ``area``: mean(m);
+    - ``inside``, ``outside``: the mean of m inside and outside the object, Σ m o / Σ o and Σ m (1 − o) / Σ (1 − o);
+    - ``mass_share``: the share of the mask's mass on the object, Σ m o / Σ m;
+    - ``object_share``: the object's share of the image, mean(o), the mass share of a mask unrelated to it.
+
+    ``batch_size`` images per call; the control pairs are fixed over the whole batch, so it changes nothing.
+    """
+    f = model.encoder
+    obj = obj.reshape(len(x), 1, *x.shape[-2:]).to(x.device, x.dtype)  # (B, 1, H, W) in {0, 1}
+    chunks = range(0, len(x), batch_size)
+    masks = torch.cat([model(x[i:i + batch_size])[1] for i in chunks])  # (B, 1, H, W)
+    z = torch.cat([f(x[i:i + batch_size]) for i in chunks])  # (B, D)
+    control = masks.roll(1, dims=0)  # image i gets the mask of image i - 1
+    sims, sims_control = [], []
+    for i in chunks:
+        sl = slice(i, i + batch_size)
+        sims.append(F.cosine_similarity(z[sl], f(x[sl] * masks[sl]), dim=1))
+        sims_control.append(F.cosine_similarity(z[sl], f(x[sl] * control[sl]), dim=1))
+    m, o = masks.flatten(1), obj.flatten(1)  # (B, HW)
+    out = {
+        "sim": torch.cat(sims),
+        "sim_control": torch.cat(sims_control),
+        "area": m.mean(1),
+        "inside": (m * o).sum(1) / o.sum(1),
+        "outside": (m * (1 - o)).sum(1) / (1 - o).sum(1),
+        "mass_share": (m * o).sum(1) / m.sum(1).clamp_min(1e-8),
+        "object_share": o.mean(1),
+    }
+    return {k: v.double().cpu() for k, v in out.items()}
+
+
+def summarize_quality(q: dict[str, Tensor]) -> dict[str, float]:
+    """The means over images of :func:`mask_quality`'s values, and four ratios read from them:
+
+    - ``inside_over_outside``: mean(inside) / mean(outside), how much more mask the object gets;
+    - ``mass_share_over_chance``: mean(mass_share) / mean(object_share), 1 for a mask unrelated to the object;
+    - ``control_gap``: mean(sim − sim_control), what the image's own mask keeps beyond another image's;
+    - ``control_wins``: the share of images whose own mask keeps more, sim > sim_control.
+    """
+    s = {k: v.mean().item() for k, v in q.items()}
+    s["inside_over_outside"] = s["inside"] / max(s["outside"], 1e-8)
+    s["mass_share_over_chance"] = s["mass_share"] / s["object_share"]
+    s["control_gap"] = (q["sim"] - q["sim_control"]).mean().item()
+    s["control_wins"] = (q["sim"] > q["sim_control"]).double().mean().item()
+    return s
+
+
+@torch.inference_mode()
+def complement_similarity(model: NEMU, x: Tensor, batch_size: int = 64) -> Tensor:
+    """What the removed part still holds: cos(f(x), f(x ⊙ (1 − m))) per image, ``(B,)`` float64 on the CPU.
+
+    Low means the mask took what the representation needs; the contrastive objective pushes it down.
+    """
+    sims = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        z, m = model(xb)
+        sims.append(F.cosine_similarity(z, model.encoder(xb * (1 - m)), dim=1))
+    return torch.cat(sims).double().cpu()
 
 
 # ---------------------------------------------------------------------------------------- objectives

@@ -10,7 +10,8 @@ copy is scored by how similar its representation stays, s_n = sim(h, f(x ⊙ M_n
 
 The three sums Σ M, Σ M s and Σ M s² are streamed batch by batch in float64, so memory does not grow with
 N, the whole batch of B images shares each batch of masks, and U = Σ M s² / Σ M − R² keeps the ~1e-4
-variations of the maps (float32 would round the variance away).
+variations of the maps (float32 would round the variance away). The same sums let two runs over different
+masks combine into one over all of them (:meth:`RelaxResult.merge`).
 
 Relation to the reference package ``relax-xai``: it updates R mask by mask (a running weighted mean with
 Σ M started at 1e-10) and keeps the *unnormalised* uncertainty Σ M (s − R)² (West's weighted update),
@@ -77,6 +78,34 @@ class RelaxResult:
     def u_relax(self) -> Tensor:
         """U-RELAX: the importance kept only where it is certain, ``(B, H, W)``."""
         return self.importance * self.u_relax_mask
+
+    def merge(self, other: RelaxResult) -> RelaxResult:
+        """The RELAX maps of both runs' masks together, from the two runs' sums.
+
+        ``self`` and ``other`` explain the same images with different masks (another seed, say). Each run's
+        sums come back from its maps, Σ M = W, Σ M s = R W and Σ M s² = (U + R²) W, they add up, and
+
+            R = (R₁ W₁ + R₂ W₂) / (W₁ + W₂),    U = ((U₁ + R₁²) W₁ + (U₂ + R₂²) W₂) / (W₁ + W₂) − R²,
+
+        which is one run over all N₁ + N₂ masks (equal to rounding). Pixels that no mask keeps get R = U = 0,
+        as in :func:`relax`.
+
+        >>> half_a = relax(encoder, x, n_masks=1500, seed=0)
+        >>> both = half_a.merge(relax(encoder, x, n_masks=1500, seed=1))     # RELAX with 3,000 masks
+        """
+        if self.importance.shape != other.importance.shape:
+            raise ValueError(f"can only merge RELAX runs of the same images, got maps of shape "
+                             f"{tuple(self.importance.shape)} and {tuple(other.importance.shape)}")
+        dev = self.importance.device
+        w1, w2 = self.weights.double(), other.weights.to(dev, torch.float64)  # (H, W)
+        r1, r2 = self.importance.double(), other.importance.to(dev, torch.float64)  # (B, H, W)
+        u1, u2 = self.uncertainty.double(), other.uncertainty.to(dev, torch.float64)  # (B, H, W)
+        sum_m = w1 + w2  # Σ M over both runs
+        weights = torch.where(sum_m > 0, sum_m, 1.0)
+        importance = (r1 * w1 + r2 * w2) / weights  # Σ M s / Σ M
+        second = ((u1 + r1**2) * w1 + (u2 + r2**2) * w2) / weights  # Σ M s² / Σ M
+        uncertainty = (second - importance**2).clamp_min(0)
+        return RelaxResult(importance, uncertainty, sum_m, self.n_masks + other.n_masks)
 
 
 def _mask_stream(

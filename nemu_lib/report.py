@@ -12,6 +12,10 @@ scores RELAX's reference mode on mosaics. What depends on the encoder alone (REL
 the cost) is saved in ``outputs/evaluation`` and reused while the encoder and the sizes stay the same, so
 the notebook and the bench share one run; the decoders' maps (one pass each) are computed on every call,
 so retraining a decoder never runs RELAX again.
+
+Notebook 04 also draws on the parts: :func:`mosaic_maps` (one mosaic's four reference-mode maps),
+:func:`randomised_maps` (every method for the randomisation test's random encoder, :func:`random_encoder_like`)
+and :func:`time_side_by_side` (the encoder, NEM-U and RELAX timed back to back).
 """
 
 from __future__ import annotations
@@ -74,6 +78,18 @@ class EncoderEvaluation:
     def markdown(self) -> str:
         return ev.to_markdown(self.rows)
 
+    def row(self, method: str) -> dict:
+        """The table's row of ``method``: ``{metric: mean, metric_sem: standard error, ...}``."""
+        for r in self.rows:
+            if r["method"] == method:
+                return r
+        raise KeyError(f"no row for {method!r}: the table has {[r['method'] for r in self.rows]}")
+
+    @property
+    def speedup(self) -> float:
+        """RELAX's seconds per image over NEM-U's, as the evaluation timed them (NaN if either is missing)."""
+        return self.seconds.get("RELAX", np.nan) / self.seconds.get("NEM-U", np.nan)
+
 
 ENCODER_METHODS = tuple(m for m in ev.METHODS if m not in ev.DECODER_METHODS)  # what the cache holds
 
@@ -95,33 +111,95 @@ def _in_method_order(maps: dict[str, Tensor]) -> dict[str, Tensor]:
     return {m: maps[m] for m in ev.METHODS if m in maps}
 
 
+def mosaic_maps(encoder: nn.Module, mosaic_image: Tensor, tiles: Tensor, n_masks: int,
+                seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """RELAX in reference mode on one 2x2 mosaic ``(3, 2H, 2W)`` of ``tiles (4, 3, H, W)`` (row-major, in [0, 1]).
+
+    The mosaic is explained four times, against r = f(tile q alone) for q = 0..3. Every RELAX map sits on the
+    similarity level, so the raw share of a tile is ~0.25 whatever the map shows: each map's minimum is
+    subtracted first.
+
+    Returns:
+        ``above (4, 2H, 2W)``: query q's importance above its minimum (on the CPU); ``share (4,)``: the share
+        of it on the queried tile (chance 0.25); ``top (4,)`` bool: whether the queried tile has the largest sum.
+    """
+    dev = next(encoder.parameters()).device
+    xm = normalize(mosaic_image[None], encoder.mean, encoder.std).to(dev)  # (1, C, 2H, 2W)
+    x_tiles = normalize(tiles, encoder.mean, encoder.std).to(dev)  # (4, C, H, W)
+    with torch.inference_mode():
+        refs = encoder(x_tiles)  # (4, D): r = f(tile alone), row-major like the grid
+    imp = relax(encoder, xm.expand(4, -1, -1, -1), n_masks=n_masks, reference=refs, seed=seed).importance
+    above = (imp - imp.flatten(1).min(1).values[:, None, None]).cpu()  # (4, 2H, 2W)
+    side_h, side_w = tiles.shape[-2:]
+    tile_sums = above.unflatten(1, (2, side_h)).unflatten(3, (2, side_w)).sum((2, 4)).flatten(1)  # (4 queries, 4)
+    return above, tile_sums.diagonal() / tile_sums.sum(1), tile_sums.argmax(1) == torch.arange(4)
+
+
 def mosaic_locality(
     encoder: nn.Module, images: Tensor, n_mosaics: int, n_masks: int, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
     """RELAX in reference mode on 2x2 mosaics of ``images`` (in [0, 1]): "why is the mosaic like tile q?".
 
-    Each mosaic is explained four times, against r = f(tile q alone). A constant offset is removed first
-    (every RELAX map sits on the similarity level, so the raw share is ~0.25 whatever the map shows).
+    Mosaic m is ``data.mosaic(images, k=2, num=n_mosaics, generator=seed)[m]``, explained by :func:`mosaic_maps`
+    with the seed ``seed + m``.
 
     Returns:
         ``(share (4 n_mosaics,), top (4 n_mosaics,) bool)``: importance above the map's minimum on the
         queried tile, and whether the queried tile has the highest mean importance.
     """
-    dev = next(encoder.parameters()).device
     mosaics, sources = mosaic(images, k=2, num=n_mosaics, generator=torch.Generator().manual_seed(seed))
-    side_h, side_w = images.shape[-2:]
     share, top = [], []
     for m in range(n_mosaics):
-        xm = normalize(mosaics[m:m + 1], encoder.mean, encoder.std).to(dev)
-        tiles = normalize(images[sources[m].flatten()], encoder.mean, encoder.std).to(dev)  # (4, C, H, W)
-        with torch.inference_mode():
-            refs = encoder(tiles)  # (4, D): r = f(tile alone), row-major like the grid
-        imp = relax(encoder, xm.expand(4, -1, -1, -1), n_masks=n_masks, reference=refs, seed=seed + m).importance
-        imp = (imp - imp.flatten(1).min(1).values[:, None, None]).cpu()  # (4, 2H, 2W)
-        tile_sums = imp.unflatten(1, (2, side_h)).unflatten(3, (2, side_w)).sum((2, 4)).flatten(1)  # (4, 4)
-        share.append(tile_sums.diagonal() / tile_sums.sum(1))
-        top.append(tile_sums.argmax(1) == torch.arange(4))
+        _, s, t = mosaic_maps(encoder, mosaics[m], images[sources[m].flatten()], n_masks, seed=seed + m)
+        share.append(s)
+        top.append(t)
     return torch.cat(share), torch.cat(top)
+
+
+def random_encoder_like(encoder: nn.Module, seed: int = 0) -> nn.Module:
+    """A randomly initialised encoder of ``encoder``'s architecture, in eval mode on its device: the model of the
+    randomisation test. Seeds everything with ``seed`` first, so the same seed gives the same weights."""
+    dev = next(encoder.parameters()).device
+    seed_everything(seed)
+    return build_encoder(**encoder.config).to(dev).eval()
+
+
+def randomised_maps(encoder_kind: str, profile: str | Profile | None, images: Tensor, seed: int = 0,
+                    device: str | torch.device | None = None, methods: tuple[str, ...] = ev.METHODS,
+                    n_masks: int | None = None) -> dict[str, Tensor]:
+    """Every method's maps of ``images (B, 3, H, W)`` (in [0, 1]) for the randomly initialised encoder of the
+    randomisation test, built as :func:`evaluate_encoder` builds it: ``{method: (B, H, W)}`` on the CPU.
+
+    The NEM-U decoders are the trained ones of ``encoder_kind``, applied as trained to the random encoder.
+    RELAX uses the profile's ``relax_masks`` unless ``n_masks`` is given.
+    """
+    p = get_profile(profile)
+    dev = default_device(device)
+    encoder = pretrained_encoder(encoder_kind, p, seed=seed, device=dev, progress=False)
+    decoders = {obj: pretrained_nemu(encoder_kind, obj, p, seed=seed, encoder=encoder, device=dev, progress=False)
+                for obj in RUN_NAMES}
+    random_encoder = random_encoder_like(encoder, seed)
+    randomised = {k: ev.with_encoder(d, random_encoder) for k, d in decoders.items()}
+    x = normalize(images, encoder.mean, encoder.std).to(dev)
+    maps, _ = ev.explain_all(random_encoder, randomised, x, n_masks=n_masks or p.extra["relax_masks"],
+                             ig_steps=p.extra["ig_steps"], seed=seed, methods=methods, progress=False)
+    return {m: v.cpu() for m, v in maps.items()}
+
+
+def time_side_by_side(encoder: nn.Module, model: nn.Module, x: Tensor, n_masks: int, seed: int = 0,
+                      repeats: int = 5) -> dict[str, float]:
+    """Seconds per image of the encoder, a NEM-U ``model`` and RELAX with ``n_masks`` masks, timed back to back.
+
+    The encoder and the model: the median of ``repeats`` calls on ``x (B, C, H, W)`` (normalised) after a
+    warm-up (:func:`nemu_lib.metrics.time_per_image`); RELAX: one call on ``x[:1]``, once. Timings taken
+    minutes apart move with the machine's load; ratios of these are comparable.
+    """
+    with torch.inference_mode():
+        t_enc = metrics.time_per_image(encoder, x, repeats=repeats).seconds_per_image
+        t_nem = metrics.time_per_image(model, x, repeats=repeats).seconds_per_image
+    t_relax = metrics.time_per_image(lambda xb: relax(encoder, xb, n_masks=n_masks, seed=seed), x[:1],
+                                     warmup=0, repeats=1).seconds_per_image
+    return {"encoder": t_enc, "NEM-U": t_nem, "RELAX": t_relax}
 
 
 def evaluate_encoder(
@@ -148,8 +226,7 @@ def evaluate_encoder(
     test = load_split("test", p)
     images, objects = test["image"][:n], test["object_mask"][:n].bool()
     x = normalize(images, encoder.mean, encoder.std).to(dev)
-    seed_everything(seed)
-    random_encoder = build_encoder(**encoder.config).to(dev).eval()  # the same architecture, initialisation only
+    random_encoder = random_encoder_like(encoder, seed)  # the same architecture, initialisation only
 
     path = cache_path(encoder_kind, p, seed)
     key = cache_key(encoder, random_encoder, p, seed)
@@ -189,8 +266,8 @@ def evaluate_encoder(
     scores["RELAX"].pop("fidelity_spearman")
     trained_sub = {m: v[:n_ceiling] for m, v in maps.items()}
     sanity = ev.sanity_check(trained_sub, random_maps)
-    worth = {m: ev.worth_n_masks(cached["ns"], cached["convergence"],
-                                 float(torch.nanmean(scores[m]["fidelity_pearson"][:n_ceiling])))
+    fidelity = ev.mean_fidelity(scores, n_ceiling)
+    worth = {m: ev.worth_n_masks(cached["ns"], cached["convergence"], fidelity[m])
              for m in ev.DECODER_METHODS if m in scores}
     return EncoderEvaluation(
         encoder_kind, p.name, images, objects, maps, seconds, scores, ev.summarize(scores, seconds),
@@ -202,10 +279,9 @@ def results_record(evaluations: list[EncoderEvaluation]) -> dict:
     """What ``outputs/results/04_evaluation.json`` holds: the table per encoder and the headline figures."""
     out: dict = {}
     for r in evaluations:
-        nemu, rel = r.seconds.get("NEM-U", np.nan), r.seconds.get("RELAX", np.nan)
         out[r.encoder_kind] = {
             "table": r.rows,
-            "speedup_nemu_vs_relax": rel / nemu,
+            "speedup_nemu_vs_relax": r.speedup,
             "relax_noise_ceiling_pearson": float(r.convergence[-1].mean()),
             "nemu_worth_n_masks": r.worth,
             "sanity_median_spearman": {m: float(v.median()) for m, v in r.sanity.items()},

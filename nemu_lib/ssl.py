@@ -1,4 +1,4 @@
-"""Self-supervised encoders: SimCLR, a supervised baseline, a random control, and probes.
+"""Self-supervised encoders: SimCLR, a supervised baseline and a random control, trained or loaded.
 
 SimCLR (Chen et al., ICML 2020, arXiv 2002.05709) pulls two augmented views of an image together in
 representation space and pushes the other 2N - 2 views of the batch away. With projections
@@ -10,8 +10,9 @@ positive pair (i, j) is (eq. 1 of the paper)::
 averaged over all 2N ordered positive pairs. The encoder ``f`` is what we keep and explain; the
 projection head ``g`` is thrown away after training.
 
-``pretrained_encoder(kind, profile)`` loads ``outputs/encoders/<kind>-<profile>-seed<seed>.pt`` or trains
-it, so every notebook can run alone.
+The augmentations live in :mod:`nemu_lib.augment`, the probes that measure what an encoder learned in
+:mod:`nemu_lib.probes`. ``pretrained_encoder(kind, profile)`` loads
+``outputs/encoders/<kind>-<profile>-seed<seed>.pt`` or trains it, so every notebook can run alone.
 """
 
 from __future__ import annotations
@@ -23,179 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from .augment import SimCLRAugment
 from .budget import announce, forward_gflops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Profile, autocast, get_profile, grad_scaler, outputs_dir, seed_everything
 from .config import device as default_device
 from .data import SHAPES, load_split
 from .encoders import Encoder, build_encoder
-
-# ----------------------------------------------------------------------------------- augmentations
-
-_GRAY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma; torchvision uses 0.2989 for red (<= 1e-4 apart)
-
-
-# Hue jitter of SimCLR's views, a share of a turn (0.5: any hue). Chen et al. (ICML 2020, Sec. 3) found colour
-# distortion essential because colour histograms alone tell ImageNet images apart; Shapes scenes are more so.
-# cpu profile, batch 64, shape probe (random encoder 0.23): 0.29 with hue 0.1, 0.31 with 0.5.
-HUE = 0.5
-
-
-class SimCLRAugment(nn.Module):
-    """SimCLR's augmentations, drawn independently for every image of a batch, then normalisation.
-
-    The distribution is torchvision's (see :func:`simclr_transforms`, the per-image ``transforms.v2``
-    pipeline with the same parameters), computed batched: the random resized crop in one ``roi_align``
-    call, the flip by indexing, colour jitter and grayscale as one affine colour map per image (see
-    :meth:`colour_maps`), Gaussian blur as a grouped convolution. On a 2-core CPU this is ~5x faster than
-    looping the v2 pipeline over a batch of 256 images at 64 px.
-
-    Args:
-        image_size: output side in pixels.
-        mean, std: the normalisation applied last (the encoder's).
-        scale: range of the crop's area as a share of the image.
-        jitter: brightness/contrast/saturation strength.
-        hue: the hue strength, a share of a turn. The default, :data:`HUE` = 0.5 (any hue), is stronger than
-            the ImageNet recipe's 0.1-0.2: on the Shapes scenes the main object's colour (one of six) and
-            the background's two colours tell instances apart without looking at shapes, and with 0.1
-            SimCLR learned little else (see ``HUE``).
-        p_jitter, p_gray, p_blur: probabilities of colour jitter, grayscale and blur.
-        sigma: range of the blur's standard deviation, in pixels.
-    """
-
-    def __init__(
-        self,
-        image_size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        scale: tuple[float, float] = (0.2, 1.0),
-        jitter: float = 0.4,
-        hue: float = HUE,
-        p_jitter: float = 0.8,
-        p_gray: float = 0.2,
-        p_blur: float = 0.5,
-        sigma: tuple[float, float] = (0.1, 2.0),
-    ) -> None:
-        super().__init__()
-        self.image_size, self.scale, self.jitter, self.hue = image_size, scale, jitter, hue
-        self.p_jitter, self.p_gray, self.p_blur, self.sigma = p_jitter, p_gray, p_blur, sigma
-        self.register_buffer("mean", torch.tensor(mean)[:, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor(std)[:, None, None], persistent=False)
-
-    def crop_boxes(self, b: int, h: int, w: int, device: torch.device, tries: int = 10) -> Tensor:
-        """Boxes ``(B, 5)`` = (index, x1, y1, x2, y2), drawn as torchvision's RandomResizedCrop does.
-
-        Up to ``tries`` draws of area share ~ U(scale) and log aspect ~ U(log 3/4, log 4/3) per image; the
-        first that fits inside the image is kept; if none fits, the largest centred crop with the aspect
-        clamped to [3/4, 4/3] (the whole image when its own aspect is in range).
-        """
-        area = torch.empty(b, tries, device=device).uniform_(*self.scale) * h * w
-        ratio = torch.empty(b, tries, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
-        cw, ch = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
-        ok = (cw <= w) & (ch <= h)
-        first = ok.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits (0 if none)
-        cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
-        fallback = ~ok.any(1)
-        fw, fh = float(w), float(h)
-        if w / h < 3 / 4:
-            fh = w / (3 / 4)
-        elif w / h > 4 / 3:
-            fw = h * (4 / 3)
-        cw = torch.where(fallback, torch.full_like(cw, fw), cw).clamp(1, w)
-        ch = torch.where(fallback, torch.full_like(ch, fh), ch).clamp(1, h)
-        u = torch.where(fallback[:, None], torch.full((b, 2), 0.5, device=device), torch.rand(b, 2, device=device))
-        x1, y1 = u[:, 0] * (w - cw), u[:, 1] * (h - ch)
-        idx = torch.arange(b, device=device, dtype=torch.float32)
-        return torch.stack([idx, x1, y1, x1 + cw, y1 + ch], dim=1)
-
-    def colour_maps(self, img: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-image affine colour maps ``x -> M x + t``: ``M (B, 3, 3)``, ``t (B, 3)``.
-
-        Colour jitter (with probability ``p_jitter``) composes brightness ``b``, contrast ``c``, saturation
-        ``s`` (factors ~ U(1 - jitter, 1 + jitter)) and a hue rotation ``H`` by ~ U(-hue, hue) turns in YIQ
-        space: with luma weights ``w`` and ``1 = (1, 1, 1)``, ``S = s I + (1 - s) 1 w^T`` and the image's
-        mean luma ``g``, ``M = H S c b`` and ``t = (1 - c) b g 1`` (``S 1 = H 1 = 1``). Grayscale (with
-        probability ``p_gray``) left-multiplies by ``1 w^T``. Unlike torchvision, values are clamped once,
-        after the composed map, not after each step.
-        """
-        b, dev = img.shape[0], img.device
-        w = _GRAY.to(img.device, img.dtype)
-        ones = torch.ones(3, device=dev, dtype=img.dtype)
-        eye = torch.eye(3, device=dev, dtype=img.dtype).expand(b, 3, 3)
-        on = (torch.rand(b, device=dev) < self.p_jitter).to(img.dtype)
-        fb, fc, fs = (1 + (torch.rand(3, b, device=dev, dtype=img.dtype) * 2 - 1) * self.jitter * on)
-        angle = (torch.rand(b, device=dev, dtype=img.dtype) * 2 - 1) * self.hue * 2 * math.pi * on
-        sat = fs[:, None, None] * eye + (1 - fs)[:, None, None] * torch.outer(ones, w)
-        m = _hue_rotation(angle) @ sat * (fc * fb)[:, None, None]
-        g = torch.einsum("c,bchw->b", w, img) / img[0, 0].numel()  # mean luma per image
-        t = ((1 - fc) * fb * g)[:, None] * ones
-        gray = (torch.rand(b, device=dev) < self.p_gray)[:, None, None]
-        m = torch.where(gray, torch.outer(ones, w) @ m, m)
-        return m, t
-
-    def blur(self, img: Tensor) -> Tensor:
-        """Gaussian blur with a per-image sigma ~ U(sigma), kernel ~10% of the image side (odd)."""
-        b, c, h, w = img.shape
-        k = max(3, int(0.1 * self.image_size) // 2 * 2 + 1)
-        sig = torch.empty(b, device=img.device).uniform_(*self.sigma)
-        t = torch.arange(k, device=img.device, dtype=img.dtype) - k // 2
-        kern = torch.exp(-(t[None] ** 2) / (2 * sig[:, None] ** 2))
-        kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, k)
-        x = F.pad(img.reshape(1, b * c, h, w), (k // 2,) * 4, mode="reflect")
-        x = F.conv2d(x, kern[:, None, None, :], groups=b * c)
-        x = F.conv2d(x, kern[:, None, :, None], groups=b * c)
-        return x.reshape(b, c, h, w)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1] -> normalised views ``(B, 3, S, S)``, in the images' dtype.
-
-        Augmentation is data preparation, not model compute: it runs in full precision with autocast off
-        (under bf16 autocast the blur's convolution would return bf16 into a float32 batch).
-        """
-        with torch.autocast(images.device.type, enabled=False):
-            return self._augment(images)
-
-    def _augment(self, images: Tensor) -> Tensor:
-        b, _, h, w = images.shape
-        s, dev = self.image_size, images.device
-        boxes = self.crop_boxes(b, h, w, dev).to(images.dtype)  # roi_align wants boxes of the images dtype
-        out = roi_align(images, boxes, (s, s), aligned=True)  # (B, 3, S, S)
-        flip = torch.rand(b, device=dev) < 0.5
-        out[flip] = out[flip].flip(-1)
-        m, t = self.colour_maps(out)
-        out = (torch.einsum("bij,bjhw->bihw", m, out) + t[:, :, None, None]).clamp_(0, 1)
-        blur = torch.rand(b, device=dev) < self.p_blur
-        if blur.any():
-            out[blur] = self.blur(out[blur])
-        return (out - self.mean) / self.std
-
-
-def _hue_rotation(angle: Tensor) -> Tensor:
-    """Matrices ``(B, 3, 3)`` that rotate the chroma of RGB colours by ``angle (B,)`` radians in YIQ space."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          dtype=angle.dtype, device=angle.device)
-    rot = angle.new_zeros(angle.shape[0], 3, 3)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
-    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
-
-
-def simclr_transforms(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
-    """The same augmentation as a per-image torchvision ``transforms.v2`` pipeline (for DataLoaders)."""
-    k = max(3, int(0.1 * image_size) // 2 * 2 + 1)
-    return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, HUE)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
-        v2.Normalize(mean, std),
-    ])
-
 
 # ------------------------------------------------------------------------------------------ losses
 
@@ -359,43 +196,17 @@ def train_supervised(
                progress=progress, callback=callback)
 
 
-# ------------------------------------------------------------------------------------------- probes
+def training_steps(n: int, epochs: int, batch_size: int) -> int:
+    """Optimiser steps of :func:`fit` on ``n`` samples: ``epochs * (n // min(batch_size, n))``.
 
-@torch.inference_mode()
-def embed(encoder: Encoder, x: Tensor, batch_size: int = 256, progress: bool = False) -> Tensor:
-    """Representations ``z (N, D)`` on the CPU of normalised images ``x (N, C, H, W)``, in eval mode."""
-    was_training = encoder.training
-    encoder.eval()
-    dev = next(encoder.parameters()).device
-    chunks = range(0, len(x), batch_size)
-    z = torch.cat([encoder(x[i:i + batch_size].to(dev)).float().cpu()
-                   for i in tqdm(chunks, desc="embed", disable=not progress)])
-    encoder.train(was_training)
-    return z
+    The last incomplete batch of every epoch is dropped, and a batch never holds more than ``n`` samples.
 
-
-def linear_probe(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor, seed: int = 0) -> float:
-    """Accuracy of a logistic regression on standardised frozen features (scikit-learn, L-BFGS)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=seed))
-    with threadpool_limits(1, user_api="blas"):  # BLAS threads fighting torch's made it 40x slower
-        clf.fit(z_train.cpu().numpy(), y_train.cpu().numpy())  # scikit-learn fits on the CPU
-        return float(clf.score(z_test.cpu().numpy(), y_test.cpu().numpy()))
-
-
-def knn_accuracy(
-    z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor, k: int = 20, temperature: float = 0.07
-) -> float:
-    """Weighted k-NN accuracy on cosine similarity (Wu et al., CVPR 2018): votes ``exp(sim / temperature)``."""
-    sim = F.normalize(z_test, dim=1) @ F.normalize(z_train, dim=1).T  # (N_test, N_train)
-    top, idx = sim.topk(min(k, len(z_train)), dim=1)
-    votes = torch.zeros(len(z_test), int(y_train.max()) + 1, device=z_test.device, dtype=top.dtype)
-    votes.scatter_add_(1, y_train[idx], (top / temperature).exp())  # (N_test, classes)
-    return float((votes.argmax(1) == y_test).float().mean())
+    >>> training_steps(100, epochs=3, batch_size=32)  # 3 full batches of 32 per epoch
+    9
+    """
+    if n < 1 or batch_size < 1 or epochs < 0:
+        raise ValueError(f"need n >= 1, batch_size >= 1 and epochs >= 0, got {n}, {batch_size}, {epochs}")
+    return epochs * (n // min(batch_size, n))
 
 
 # ---------------------------------------------------------------------------------- trained encoders

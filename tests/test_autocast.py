@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from nemu_lib import evaluation, metrics, ssl
+from nemu_lib import augment, evaluation, metrics, ssl
 from nemu_lib.baselines import label_free_gradient, label_free_integrated_gradients
 from nemu_lib.data import ShapesScenes, concept_masks, normalize
 from nemu_lib.dissection import dissect
@@ -73,13 +73,13 @@ def test_simclr_augment_with_blur_under_autocast_is_the_full_precision_augment()
     """Augmentation is data preparation: under autocast it must give the float32 views it gives without.
     (Failed with "Index put requires the source and destination dtypes match" when the blur's bf16
     convolution was written into the float32 batch.)"""
-    augment = ssl.SimCLRAugment(SIZE, (0.45,) * 3, (0.2,) * 3, p_blur=1.0)
+    aug = augment.SimCLRAugment(SIZE, (0.45,) * 3, (0.2,) * 3, p_blur=1.0)
     images = _images(6, unit=True)
     torch.manual_seed(0)
-    plain = augment(images)
+    plain = aug(images)
     torch.manual_seed(0)
     with bf16():
-        views = augment(images)
+        views = aug(images)
     assert views.dtype == torch.float32 and views.shape == (6, 3, SIZE, SIZE)
     assert torch.equal(views, plain)
 

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from nemu_lib import cli, launch, train
-from nemu_lib.data import DatasetUnavailableError, ShapesScenes, normalize
+from nemu_lib.data import ShapesScenes, normalize
 from nemu_lib.encoders import WeightsUnavailableError
+from nemu_lib.real_data import DatasetUnavailableError
 
 FAST = ["--profile", "smoke", "--batch-size", "16", "--device", "cpu", "--no-progress"]
 

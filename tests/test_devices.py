@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.testing import assert_close
 from torch.utils._pytree import tree_map_only
 
-from nemu_lib import baselines, data, encoders, evaluation, metrics, nem, ssl
+from nemu_lib import augment, baselines, data, encoders, evaluation, metrics, nem, probes, ssl
 from nemu_lib import train as train_module
 from nemu_lib.config import exact_float32
 from nemu_lib.dissection import RotatedUnits, TailQuantile, dissect, random_rotation
@@ -405,10 +405,10 @@ def test_with_encoder_builds_the_decoder_beside_the_trained_one(device):
 # ------------------------------------------------------------------------------------------------ ssl
 
 def test_simclr_augment_on_the_device_of_the_images(device):
-    augment = ssl.SimCLRAugment(SIZE, (0.45,) * 3, (0.2,) * 3, p_blur=1.0).to(device)
+    aug = augment.SimCLRAugment(SIZE, (0.45,) * 3, (0.2,) * 3, p_blur=1.0).to(device)
     images = torch.rand(4, 3, 40, 40, generator=torch.Generator().manual_seed(0)).to(device)
     with stray_tensor_guard():
-        views = augment(images)
+        views = aug(images)
     assert _on(device, views) and views.dtype == torch.float32 and views.shape == (4, 3, SIZE, SIZE)
 
 
@@ -422,10 +422,10 @@ def test_nt_xent_on_the_device_of_the_projections(device):
 def test_embed_gives_cpu_features_and_the_probes_floats(device):
     encoder, x = _encoder(device), _images(device, 6)
     with stray_tensor_guard():
-        z = ssl.embed(encoder, x, batch_size=4)  # documented: on the CPU
+        z = probes.embed(encoder, x, batch_size=4)  # documented: on the CPU
     assert z.device.type == "cpu" and z.dtype == torch.float32 and z.shape == (6, 8)
     y = torch.tensor([0, 1, 0, 1, 0, 1])
-    acc = ssl.linear_probe(z[:4].to(device), y[:4].to(device), z[4:].to(device), y[4:].to(device))
+    acc = probes.linear_probe(z[:4].to(device), y[:4].to(device), z[4:].to(device), y[4:].to(device))
     assert isinstance(acc, float) and 0 <= acc <= 1
 
 
@@ -433,7 +433,7 @@ def test_knn_accuracy_on_the_device_of_the_features(device):
     z = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)).to(device)
     y = torch.tensor([0, 1, 0, 1, 0, 1], device=device)
     with stray_tensor_guard():
-        acc = ssl.knn_accuracy(z, y, z, y, k=3)
+        acc = probes.knn_accuracy(z, y, z, y, k=3)
     assert isinstance(acc, float) and 0 <= acc <= 1
 
 

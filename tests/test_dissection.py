@@ -8,15 +8,24 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from nemu_lib.broden import load_broden
-from nemu_lib.data import DatasetUnavailableError, ShapesScenes, concept_masks, concept_names, normalize
+from nemu_lib.data import ShapesScenes, concept_masks, concept_names, normalize
 from nemu_lib.dissection import (
+    Dissection,
     RotatedUnits,
     TailQuantile,
+    best_by_category,
+    concept_shares,
+    detectors_per_layer,
     dissect,
+    iou_ceiling,
     layer_names,
     random_rotation,
+    totals,
+    unique_concepts,
+    unit_masks,
 )
 from nemu_lib.encoders import Encoder, SmallResNet
+from nemu_lib.real_data import DatasetUnavailableError
 
 
 class Planted(Encoder):
@@ -215,3 +224,45 @@ def test_broden_offline_error_and_a_tiny_broden_folder(tmp_path):
     assert masks[0, :2].all() and not masks[0, 2:].any()
     assert masks[1, 2:, :2].all() and masks[1].sum() == 4
     assert masks[2].all()  # an image-level texture label covers the image
+
+
+def _toy_result() -> dict:
+    """Two layers of three units against concepts shape/a, shape/b, colour/red, IoUs chosen by hand."""
+    concepts = ("shape/a", "shape/b", "colour/red")
+    iou1 = torch.tensor([[0.05, 0.01, 0.00], [0.00, 0.00, 0.10], [0.02, 0.03, 0.01]], dtype=torch.float64)
+    iou2 = torch.tensor([[0.00, 0.06, 0.00], [0.00, 0.07, 0.00], [0.00, 0.00, 0.02]], dtype=torch.float64)
+    empty = torch.zeros(3, 1, dtype=torch.long)
+    return {name: Dissection(name, concepts, iou, torch.zeros(3), empty)
+            for name, iou in (("l1", iou1), ("l2", iou2))}
+
+
+def test_counts_and_best_iou_of_a_result_by_hand():
+    r = _toy_result()  # detectors: l1 units 0 (shape/a) and 1 (colour/red); l2 units 0 and 1 (both shape/b)
+    assert totals(r) == {"l1": {"shape": 1, "colour": 1}, "l2": {"shape": 2, "colour": 0}}
+    assert detectors_per_layer(r) == [2, 2]
+    assert unique_concepts(r) == 3  # shape/a, colour/red, shape/b
+    assert best_by_category(r) == {"shape": [0.05, 0.07], "colour": [0.10, 0.02]}
+
+
+def test_concept_shares_and_the_iou_ceiling_by_hand():
+    labels = torch.zeros(2, 2, 10, 10, dtype=torch.bool)
+    labels[:, 0, :5] = True  # concept 0 on half the pixels
+    labels[0, 1, 0, 0] = True  # concept 1 on 1 of 200 pixels
+    share = concept_shares(labels)
+    assert_close(share, torch.tensor([0.5, 0.005], dtype=torch.float64))
+    assert_close(iou_ceiling(share, 0.005), torch.tensor([0.01, 1.0], dtype=torch.float64))
+    assert iou_ceiling(torch.tensor([0.125]), 0.005).item() == pytest.approx(0.04)  # q / 0.04: the last detectable
+
+
+def test_unit_masks_are_the_masks_dissect_scores(scenes, planted):
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)  # Planted: unit k's map is channel k
+    assert unit_masks(Planted(3), x, "tap0", unit=1, threshold=5.5).tolist() == [
+        [[False, False], [True, True]], [[True, True], [True, True]]]  # unit 1: 4..7 and 16..19
+    torch.manual_seed(0)
+    enc = SmallResNet(widths=(4, 8, 8, 8)).eval()
+    r = dissect(enc, scenes["x"], scenes["labels"], layers=["stage3"], progress=False)["stage3"]
+    k = int(r.best_iou.argmax())
+    c = int(r.best_concept[k])
+    m = unit_masks(enc, scenes["x"], "stage3", k, r.thresholds[k])  # (N, 32, 32) for every scene
+    lab = scenes["labels"][:, c]
+    assert_close((m & lab).sum().double() / (m | lab).sum().double(), r.iou[k, c])

@@ -125,3 +125,36 @@ def test_sanity_check_and_the_table():
     assert row["complexity_sem"] == pytest.approx(math.sqrt(2) / math.sqrt(2))
     text = ev.to_markdown([row], keys=("complexity",))
     assert "| m | 2.000 ± 1.000 | 0.5 |" in text and "complexity (entropy) ↓" in text
+
+
+def test_object_share_and_where_the_maximum_is_by_hand():
+    objects = torch.zeros(2, 4, 4, dtype=torch.bool)
+    objects[:, 1:3, 1:3] = True  # the centre 2 x 2: K / n = 4 / 16
+    assert_close(ev.object_share(objects), torch.full((2,), 0.25, dtype=torch.float64))
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 0, 2], maps[0, 1, 1] = 1.0, 0.995  # maximum on the top border; a second pixel within 1 % of the range
+    maps[1] = objects[1].float()  # a plateau of 1 over the object
+    st = ev.where_the_maximum_is(maps, objects)
+    assert st["argmax on border"] == 0.5  # map 0 yes, map 1 no
+    assert st["plateau pixels (median)"] == 2.0  # plateaus of 2 and 4 pixels: torch's median is the lower middle
+    assert st["plateau share on object"] == pytest.approx((1 / 2 + 1) / 2)
+    assert st["top 1 % share on object"] == 0.5  # the top max(1, 16 // 100) = 1 pixel: off, then on the object
+
+
+def test_level_and_pattern_by_hand():
+    reference = torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]]])  # levels 2 and 4, spread sqrt(2) in both
+    maps = torch.tensor([[[0.0, 4.0]], [[3.0, 3.0]]])  # levels 2 and 3, spreads sqrt(8) and 0
+    r = ev.level_and_pattern(reference, maps)
+    assert r["level r"] == pytest.approx(1.0)  # two scenes: the levels rise together
+    assert (r["level"], r["reference level"]) == (2.5, 3.0)
+    assert r["spread"] == pytest.approx(math.sqrt(8) / 2) and r["reference spread"] == pytest.approx(math.sqrt(2))
+
+
+def test_mean_fidelity_and_worth_in_words():
+    scores = {"a": {"fidelity_pearson": torch.tensor([0.2, math.nan, 0.6, 1.0], dtype=torch.float64)},
+              "b": {"complexity": torch.ones(4, dtype=torch.float64)}}
+    assert ev.mean_fidelity(scores, 3) == {"a": pytest.approx(0.4)}  # the first 3 scenes, NaN left out
+    ns = [25, 50, 3000]
+    assert ev.describe_worth(0.0, ns) == "< 25 masks"
+    assert ev.describe_worth(1234.4, ns) == "1,234 masks"
+    assert ev.describe_worth(math.inf, ns) == "> 3000 masks"

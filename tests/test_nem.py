@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import stray_tensor_guard
+from torch import Tensor, nn
 from torch.testing import assert_close
 
 from nemu_lib.encoders import SmallResNet, build_encoder
@@ -12,10 +14,14 @@ from nemu_lib.nem import (
     NEMU,
     amortised_relax_loss,
     build_objective,
+    complement_similarity,
     cos_distance,
     encoder_fingerprint,
+    mask_quality,
+    multiply_adds,
     nem_contrastive_loss,
     nem_loss,
+    summarize_quality,
 )
 
 
@@ -179,3 +185,116 @@ def test_nem_prepare_changes_nothing():
 def test_unknown_objective():
     with pytest.raises(ValueError, match="choose one of"):
         build_objective("nemx")
+
+
+# ------------------------------------------------------------------------------- cost and mask quality
+
+def test_multiply_adds_of_the_decoder_by_hand():
+    """Smoke-sized small ResNet at 32 px: the decoder's convolutions, layer by layer (C_in C_out k² H W)."""
+    model = NEMU(_small())
+    enc, dec = multiply_adds(model, torch.randn(2, 3, 32, 32))
+    by_hand = (64 * 16 * 1 * 2 * 2  # bottleneck 1x1, 64 -> 16 at stride 16 (2 x 2)
+               + 48 * 8 * 9 * 4 * 4 + 8 * 8 * 9 * 4 * 4  # block 1 at stride 8 (4 x 4): (16 up + 32 skip) -> 8, 8 -> 8
+               + 24 * 8 * 9 * 8 * 8 + 8 * 8 * 9 * 8 * 8  # block 0 at stride 4 (8 x 8): (8 up + 16 skip) -> 8, 8 -> 8
+               + 8 * 1 * 1 * 8 * 8)  # head 1x1, 8 -> 1 at stride 4
+    assert dec == by_hand == 216_576
+
+
+def test_multiply_adds_of_the_encoder_equal_its_layers():
+    """Every Conv2d and Linear of the encoder, counted from its output's size with forward hooks."""
+    encoder = _small()
+    total = []
+
+    def hook(module: nn.Module, _, out: Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total.append(module.in_channels // module.groups * k * out[0].numel())
+        elif isinstance(module, nn.Linear):
+            total.append(module.in_features * module.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        encoder(torch.randn(1, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    enc, _ = multiply_adds(NEMU(encoder), torch.randn(3, 3, 32, 32))
+    assert enc == sum(total) > 0
+
+
+class _ColumnSums(nn.Module):
+    """f(x) = (Σ of channel 1 over the left column, Σ over the right column), for 2 x 2 images."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, 1].sum(1)  # (B, 2): one sum per column
+
+
+class _MaskInChannel0(nn.Module):
+    """A stand-in for NEMU: the mask of an image is its channel 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _ColumnSums()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder(x), x[:, :1]
+
+
+def _two_scenes() -> tuple[Tensor, Tensor]:
+    """Image 0 keeps its left column, image 1 everything; objects: image 0's left column, image 1's top left."""
+    x = torch.ones(2, 2, 2, 2)
+    x[0, 0] = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    obj = torch.tensor([[[True, False], [True, False]], [[True, False], [False, False]]])
+    return x, obj
+
+
+@pytest.mark.parametrize("batch_size", [1, 64])
+def test_mask_quality_by_hand(batch_size):
+    x, obj = _two_scenes()
+    q = mask_quality(_MaskInChannel0(), x, obj, batch_size=batch_size)
+    r = 1 / math.sqrt(2)  # cos((2, 2), (2, 0))
+    expected = {"sim": [r, 1.0],  # image 0 keeps (2, 0) of (2, 2); image 1 keeps all
+                "sim_control": [1.0, r],  # image 0 gets image 1's full mask, image 1 gets image 0's
+                "area": [0.5, 1.0],
+                "inside": [1.0, 1.0], "outside": [0.0, 1.0],
+                "mass_share": [1.0, 0.25], "object_share": [0.5, 0.25]}
+    assert set(q) == set(expected)
+    for k, v in expected.items():
+        assert_close(q[k], torch.tensor(v, dtype=torch.float64), msg=k)
+    s = summarize_quality(q)
+    assert s["inside_over_outside"] == pytest.approx(1.0 / 0.5)
+    assert s["mass_share_over_chance"] == pytest.approx(0.625 / 0.375)
+    assert s["control_gap"] == pytest.approx(0.0, abs=1e-7)  # (r - 1 + 1 - r) / 2
+    assert s["control_wins"] == 0.5  # image 1 only
+    assert s["sim"] == pytest.approx((r + 1) / 2)
+    # (B, 1, H, W) float object masks give the same
+    q1 = mask_quality(_MaskInChannel0(), x, obj[:, None].float(), batch_size=batch_size)
+    assert all(torch.equal(q1[k], q[k]) for k in q)
+
+
+def test_complement_similarity_by_hand():
+    x, _ = _two_scenes()
+    # image 0: 1 - m keeps the right column, (0, 2) against (2, 2); image 1: 1 - m = 0, f = (0, 0): cosine 0
+    sims = complement_similarity(_MaskInChannel0(), x, batch_size=1)
+    assert_close(sims, torch.tensor([1 / math.sqrt(2), 0.0], dtype=torch.float64))
+
+
+def test_mask_quality_of_a_real_model_is_independent_of_the_batch_size():
+    model = NEMU(_small())
+    x, obj = torch.randn(5, 3, 32, 32), torch.rand(5, 32, 32) > 0.7
+    a, b = mask_quality(model, x, obj, batch_size=2), mask_quality(model, x, obj, batch_size=5)
+    for k in a:
+        assert a[k].shape == (5,) and a[k].dtype == torch.float64
+        assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert ((a["area"] > 0) & (a["area"] < 1)).all()
+
+
+def test_mask_quality_complement_and_cost_keep_to_the_device_of_x(device):
+    model = NEMU(_small()).to(device)
+    x, obj = torch.randn(3, 3, 32, 32).to(device), (torch.rand(3, 32, 32) > 0.7).to(device)
+    with stray_tensor_guard():
+        q = mask_quality(model, x, obj, batch_size=2)
+        comp = complement_similarity(model, x, batch_size=2)
+        enc, dec = multiply_adds(model, x)
+    for v in (*q.values(), comp):  # documented: float64 on the CPU
+        assert v.device.type == "cpu" and v.dtype == torch.float64 and v.shape == (3,)
+    assert enc > dec > 0

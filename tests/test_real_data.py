@@ -1,11 +1,11 @@
-"""nemu_lib.data.load_real_dataset offline: a clear DatasetUnavailableError, never a network call."""
+"""nemu_lib.real_data.load_real_dataset offline: a clear DatasetUnavailableError, never a network call."""
 
 import socket
 
 import pytest
 
-from nemu_lib import data
-from nemu_lib.data import DatasetUnavailableError, load_real_dataset
+from nemu_lib import real_data
+from nemu_lib.real_data import DatasetUnavailableError, load_real_dataset
 
 NAMES = ["stl10", "imagenette", "voc"]
 
@@ -22,7 +22,7 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a test tried to open a network connection")
 
-    monkeypatch.setattr(data, "_online", offline)
+    monkeypatch.setattr(real_data, "_online", offline)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     return calls
@@ -49,7 +49,7 @@ def test_offline_raises_clear_error(tmp_path, no_network, name):
     assert "offline" in message
     assert "ShapesScenes" in message
     assert name in message
-    assert no_network == [data._REAL[name][0]]  # asked about the right host, once
+    assert no_network == [real_data._REAL[name][0]]  # asked about the right host, once
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,12 +4,13 @@
 import pytest
 import relax_xai.relax as reference_module
 import torch
+from conftest import stray_tensor_guard
 from torch import Tensor, nn
 from torch.testing import assert_close
 
 from nemu_lib.encoders import SmallResNet
 from nemu_lib.masks import relax_masks
-from nemu_lib.relax import relax
+from nemu_lib.relax import RelaxResult, relax
 
 
 def _encoder(dtype=torch.float32) -> SmallResNet:
@@ -204,6 +205,53 @@ def test_monte_carlo_error_falls_like_one_over_sqrt_n():
 
     ratio = spread(250) / spread(1000)
     assert 1.7 < ratio < 2.35, f"error ratio for 4x the masks is {ratio:.2f}, expected ~2 = sqrt(4)"
+
+
+# ----------------------------------------------------------------------------------------- merging runs
+
+def test_merge_by_hand():
+    """Pixel 0: s = 1 under W1 = 1, s = 3 under W2 = 3; pixel 1: no mask in the second run; pixel 2: in none."""
+    a = RelaxResult(torch.tensor([[[1.0, 2.0, 0.0]]]), torch.tensor([[[0.0, 0.5, 0.0]]]),
+                    torch.tensor([[1.0, 2.0, 0.0]]), 2)
+    b = RelaxResult(torch.tensor([[[3.0, 0.0, 0.0]]]), torch.tensor([[[0.0, 0.0, 0.0]]]),
+                    torch.tensor([[3.0, 0.0, 0.0]]), 3)
+    both = a.merge(b)
+    # R = (1·1 + 3·3) / 4 = 2.5; U = (1²·1 + 3²·3) / 4 − 2.5² = 7 − 6.25 = 0.75
+    assert_close(both.importance, torch.tensor([[[2.5, 2.0, 0.0]]], dtype=torch.float64))
+    assert_close(both.uncertainty, torch.tensor([[[0.75, 0.5, 0.0]]], dtype=torch.float64))
+    assert_close(both.weights, torch.tensor([[4.0, 2.0, 0.0]], dtype=torch.float64))
+    assert both.n_masks == 5 and both.importance.dtype == torch.float64
+
+
+def test_merging_two_runs_equals_one_run_over_all_masks():
+    encoder = _encoder().eval()
+    x = torch.randn(2, 3, 32, 32)
+    masks = relax_masks(300, (32, 32), generator=torch.Generator().manual_seed(3))
+    whole = relax(encoder, x, masks=masks, batch_size=100)
+    merged = relax(encoder, x, masks=masks[:100], batch_size=100).merge(relax(encoder, x, masks=masks[100:]))
+    assert_close(merged.importance, whole.importance, atol=1e-12, rtol=0)
+    assert_close(merged.uncertainty, whole.uncertainty, atol=1e-12, rtol=1e-9)
+    assert_close(merged.weights, whole.weights)
+    assert merged.n_masks == 300
+    assert torch.equal(merged.u_relax_mask, whole.u_relax_mask)
+
+
+def test_merge_stays_on_the_device_of_the_runs(device):
+    encoder, x = _encoder().eval().to(device), torch.randn(2, 3, 32, 32).to(device)
+    a, b = relax(encoder, x, n_masks=20, seed=0), relax(encoder, x, n_masks=30, seed=1)
+    with stray_tensor_guard():
+        both = a.merge(b)
+    for t in (both.importance, both.uncertainty, both.weights):
+        assert t.device.type == device.type and t.dtype == torch.float64
+    assert both.n_masks == 50
+
+
+def test_merge_of_other_images_is_an_error():
+    encoder = _encoder().eval()
+    one = relax(encoder, torch.randn(1, 3, 32, 32), n_masks=10)
+    two = relax(encoder, torch.randn(2, 3, 32, 32), n_masks=10)
+    with pytest.raises(ValueError, match="same images"):
+        one.merge(two)
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -4,11 +4,14 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from nemu_lib import evaluation as ev
-from nemu_lib import report
+from nemu_lib import metrics, report
 from nemu_lib.config import get_profile
+from nemu_lib.data import mosaic
 from nemu_lib.encoders import SmallResNet
+from nemu_lib.nem import NEMU
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +106,49 @@ def test_mosaic_locality_finds_the_tile_an_encoder_reads():
     assert share.shape == top.shape == (8,)
     assert top[[0, 4]].all()  # the queried (top-left) tile has the highest mean importance
     assert (share[[0, 4]] > 0.3).all()  # above chance (0.25); the other tiles keep the level of the average s
+
+
+def test_row_and_speedup(result):
+    assert result.row("NEM-U") is result.rows[0] and result.row("random")["method"] == "random"
+    with pytest.raises(KeyError, match="no row for 'RISE'"):
+        result.row("RISE")
+    assert result.speedup == result.seconds["RELAX"] / result.seconds["NEM-U"]
+    assert report.results_record([result])["random"]["speedup_nemu_vs_relax"] == result.speedup
+
+
+def test_randomised_maps_are_those_of_the_randomisation_test(result, outputs, monkeypatch):
+    """The same random encoder as evaluate_encoder's: per-scene Spearman ρ as in ``result.sanity``."""
+    monkeypatch.setenv("NEMU_OUTPUTS", str(outputs))
+    methods = tuple(result.sanity)
+    maps = report.randomised_maps("random", "smoke", result.images[:1], device="cpu", methods=methods)
+    assert tuple(maps) == methods and all(m.shape == (1, 32, 32) for m in maps.values())
+    for method in methods:  # one scene instead of the ceiling subset: RELAX's masks differ, the ρ barely
+        rho = metrics.spearman(result.maps[method][:1], maps[method]).item()
+        assert abs(rho - result.sanity[method][0].item()) < 0.02, method
+    encoder = SmallResNet(widths=(8, 16, 32, 64))
+    a, b = report.random_encoder_like(encoder, seed=3), report.random_encoder_like(encoder, seed=3)
+    assert not a.training and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_mosaic_maps_is_mosaic_locality_for_one_mosaic():
+    torch.manual_seed(0)
+    encoder = SmallResNet(widths=(8, 16, 32, 64)).eval()
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mosaics, sources = mosaic(images, k=2, num=2, generator=torch.Generator().manual_seed(0))
+    above, share, top = report.mosaic_maps(encoder, mosaics[0], images[sources[0].flatten()], n_masks=100)
+    assert above.shape == (4, 64, 64) and (above.flatten(1).min(1).values == 0).all()
+    sums = torch.stack([above[:, :32, :32], above[:, :32, 32:], above[:, 32:, :32], above[:, 32:, 32:]], 1)
+    sums = sums.sum((2, 3))  # (4 queries, 4 tiles), row-major
+    assert_close(share, sums.diagonal() / sums.sum(1))
+    assert torch.equal(top, sums.argmax(1) == torch.arange(4))
+    all_share, all_top = report.mosaic_locality(encoder, images, n_mosaics=2, n_masks=100)
+    assert_close(all_share[:4], share) and torch.equal(all_top[:4], top)
+
+
+def test_time_side_by_side():
+    torch.manual_seed(0)
+    encoder = SmallResNet(widths=(8, 16, 32, 64)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    seconds = report.time_side_by_side(encoder, NEMU(encoder).eval(), x, n_masks=200, repeats=2)
+    assert list(seconds) == ["encoder", "NEM-U", "RELAX"] and all(s > 0 for s in seconds.values())
+    assert seconds["RELAX"] > seconds["encoder"]  # 200 masked copies against one pass

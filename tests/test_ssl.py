@@ -10,23 +10,20 @@ from torch.testing import assert_close
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from nemu_lib import ssl
+from nemu_lib import augment, ssl
+from nemu_lib.augment import SimCLRAugment, simclr_transforms
 from nemu_lib.config import get_profile
 from nemu_lib.data import SHAPES, ShapesScenes, normalize
 from nemu_lib.encoders import SmallResNet
+from nemu_lib.probes import embed, knn_accuracy, linear_probe
 from nemu_lib.ssl import (
     ENCODER_KINDS,
     ProjectionHead,
-    SimCLRAugment,
-    embed,
     encoder_path,
     fit,
-    knn_accuracy,
-    linear_probe,
     load_encoder,
     nt_xent,
     pretrained_encoder,
-    simclr_transforms,
     train_simclr,
     train_supervised,
 )
@@ -263,7 +260,7 @@ def test_grayscale_matches_torchvision(monkeypatch):
 
 def test_hue_rotation_preserves_luma_and_grey():
     angles = torch.tensor([0.0, 0.3, -1.1, math.pi, 2.5, 2 * math.pi])
-    rot = ssl._hue_rotation(angles)
+    rot = augment._hue_rotation(angles)
     assert rot.shape == (6, 3, 3)
     colours = torch.rand(50, 3)
     for r in rot:
@@ -276,7 +273,7 @@ def test_hue_rotation_preserves_luma_and_grey():
     assert not torch.allclose(rot[1], torch.eye(3), atol=1e-2)  # a real rotation does change colours
     # rotations compose: H(a) H(b) = H(a + b)
     a, b = torch.tensor([0.3]), torch.tensor([0.9])
-    assert_close(ssl._hue_rotation(a) @ ssl._hue_rotation(b), ssl._hue_rotation(a + b), atol=1e-5, rtol=0)
+    assert_close(augment._hue_rotation(a) @ augment._hue_rotation(b), augment._hue_rotation(a + b), atol=1e-5, rtol=0)
 
 
 def test_colour_jitter_factors():
