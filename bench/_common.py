@@ -67,3 +67,15 @@ def json_quiet(enabled: bool) -> Iterator[None]:
         return
     with contextlib.redirect_stdout(sys.stderr):
         yield
+
+
+def machine_info(device: torch.device) -> dict:
+    """What a bench's JSON records about where it ran: torch, threads, device and its name, glibc tunables."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "machine": platform.machine(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+    }

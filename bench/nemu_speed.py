@@ -61,13 +61,11 @@ import importlib
 import inspect
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 
 import torch
-from _common import add_device_arguments, cpu_name, json_quiet, parse_per_case, summary, sync
+from _common import add_device_arguments, json_quiet, machine_info, parse_per_case, summary, sync
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -467,12 +465,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with json_quiet(args.json):
         result = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "machine": platform.machine(),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            **machine_info(device),
             "channels_last": args.channels_last,
             "bf16_autocast": args.bf16,
             "repeats": args.repeats,

@@ -45,14 +45,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 
 import relax_xai.relax as reference_relax
 import torch
-from _common import add_device_arguments, cpu_name, json_quiet, parse_per_case, summary, sync
+from _common import add_device_arguments, json_quiet, machine_info, parse_per_case, summary, sync
 from torch import Tensor, nn
 
 from nemu_lib.encoders import SmallResNet, build_encoder
@@ -244,12 +242,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with json_quiet(args.json):
         result = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "machine": platform.machine(),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            **machine_info(device),
             "cases": [run_case(c, n_masks[c], args.images, args.mask_batch, args.repeats, device) for c in cases],
         }
     if args.json:
