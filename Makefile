@@ -29,7 +29,7 @@ run: setup
 	mkdir -p outputs/notebooks
 	failed=""; for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
-	  $(BIN)/papermill --kernel python3 --cwd notebooks $$nb outputs/notebooks/$$(basename $$nb) \
+	  NEMU_BATCH=1 $(BIN)/papermill --kernel python3 --cwd notebooks $$nb outputs/notebooks/$$(basename $$nb) \
 	    || failed="$$failed $$(basename $$nb)"; \
 	done; \
 	$(BIN)/python -m nemu_lib.results outputs; \
@@ -39,7 +39,7 @@ run: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest tests -q --durations=15
-	NEMU_PROFILE=smoke NEMU_OUTPUTS=$(CURDIR)/outputs/smoke $(BIN)/pytest --nbval-lax --nbval-current-env \
+	NEMU_BATCH=1 NEMU_PROFILE=smoke NEMU_OUTPUTS=$(CURDIR)/outputs/smoke $(BIN)/pytest --nbval-lax --nbval-current-env \
 	  -p no:cacheprovider -q --durations=10 $(NOTEBOOKS)
 
 lint: setup

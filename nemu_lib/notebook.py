@@ -32,6 +32,12 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
+def interactive() -> bool:
+    """Whether widgets may wait for a reader: not in batch runs (``NEMU_BATCH=1``: ``make run``, ``make test``,
+    ``make gpu-check``), where papermill can hang on an ``ipywidgets.interact`` cell (papermill issue 723)."""
+    return os.environ.get("NEMU_BATCH", "") in ("", "0")
+
+
 def setup(
     profile: str | Profile | None = None,
     seed: int = 0,

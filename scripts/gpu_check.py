@@ -574,7 +574,7 @@ class Check:
     # -- notebooks ----------------------------------------------------------------------------------------
     def notebooks(self) -> None:
         folder = self.fresh("notebooks")
-        env = {**self.env, "NEMU_PROFILE": "smoke", "NEMU_OUTPUTS": str(folder / "outputs")}
+        env = {**self.env, "NEMU_PROFILE": "smoke", "NEMU_OUTPUTS": str(folder / "outputs"), "NEMU_BATCH": "1"}
         books = notebook_paths()
         if not books:
             self.report(Result("notebooks", False, 0.0, "no notebooks/[0-9]*.ipynb found"))

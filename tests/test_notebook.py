@@ -43,3 +43,12 @@ def test_on_colab_data_and_outputs_go_to_content(monkeypatch):
     notebook.setup("smoke", prefer="cpu")
     assert notebook.in_colab()
     assert folders == {"NEMU_DATA": Path("/content/nemu/data"), "NEMU_OUTPUTS": Path("/content/nemu/outputs")}
+
+
+def test_batch_runs_are_not_interactive(monkeypatch):
+    monkeypatch.delenv("NEMU_BATCH", raising=False)
+    assert notebook.interactive()
+    monkeypatch.setenv("NEMU_BATCH", "1")
+    assert not notebook.interactive()
+    monkeypatch.setenv("NEMU_BATCH", "0")
+    assert notebook.interactive()
