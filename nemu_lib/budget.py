@@ -70,19 +70,33 @@ def device_speed(device: str | torch.device | None = None) -> DeviceSpeed:
 _GFLOPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], float]] = weakref.WeakKeyDictionary()
 
 
+def count_flops(model: nn.Module, *args: object) -> float:
+    """FLOPs of one call ``model(*args)`` (``torch.utils.flop_counter``: convolutions and matrix products).
+
+    The call runs in eval mode, without gradients and outside inference mode (the counter's module tracking
+    needs autograd views), and the model's mode is restored: counting changes no state, e.g. no BatchNorm
+    running statistics of a model that is about to be trained.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args)
+    finally:
+        model.train(was_training)
+    return float(counter.get_total_flops())
+
+
 def forward_gflops(model: nn.Module, x: Tensor) -> float:
     """GFLOP of ``model``'s forward pass on one image shaped like ``x[0]`` (counted once per model and shape).
 
-    NaN for a model the counter cannot trace (e.g. one that returns a parameter untouched): no estimate is
-    printed for it.
+    NaN for a model the counter cannot trace (e.g. one that fails on a batch of one): no estimate is printed.
     """
     shape = tuple(x.shape[1:])
     cached = _GFLOPS.setdefault(model, {})
-    if shape not in cached:  # outside inference mode: the counter's module tracking needs autograd views
+    if shape not in cached:
         try:
-            with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(x[:1].clone())
-            cached[shape] = counter.get_total_flops() / 1e9
+            cached[shape] = count_flops(model, x[:1].clone()) / 1e9
         except Exception:  # noqa: BLE001 (an estimate must never stop the work: a model the counter cannot trace)
             cached[shape] = math.nan
     return cached[shape]

@@ -32,8 +32,8 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from .budget import count_flops
 from .encoders import Encoder
 from .masks import relax_masks
 
@@ -182,13 +182,8 @@ def multiply_adds(model: NEMU, x: Tensor) -> tuple[float, float]:
     x1 = x[:1]
     with torch.no_grad():
         maps = model.encoder.features(x1)
-
-    def count(fn, *args) -> float:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            fn(*args)
-        return counter.get_total_flops() / 2
-
-    return count(model.encoder, x1), count(model.decoder, maps, (x1.shape[-2], x1.shape[-1]))
+    size = (x1.shape[-2], x1.shape[-1])
+    return count_flops(model.encoder, x1) / 2, count_flops(model.decoder, maps, size) / 2
 
 
 @torch.inference_mode()

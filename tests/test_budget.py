@@ -87,3 +87,13 @@ def test_expected_time_prints_measured_times_and_estimates_the_rest():
     assert budget.expected_time("03_nemu", "cpu", "cpu") == budget.MEASURED["03_nemu"]["cpu"]
     assert budget.expected_time("03_nemu", "gpu", "cpu").endswith("(estimated by nemu_lib.budget for a first run)")
     assert set(budget.MEASURED) == set(MEASURED_CPU_MINUTES)
+
+
+def test_counting_changes_no_state():
+    """The count runs in eval mode: a model about to be trained keeps its BatchNorm statistics and its mode."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert forward_gflops(model, torch.rand(2, 3, 8, 8)) > 0
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
