@@ -211,6 +211,14 @@ def grad_scaler(device: str | torch.device, enabled: bool = True) -> torch.amp.G
     return torch.amp.GradScaler(device.type, enabled=on)
 
 
+def module_device(module: torch.nn.Module, default: str | torch.device | None = "cpu") -> torch.device | None:
+    """Where ``module``'s weights live: the device of its first parameter, ``default`` for a parameter-free one."""
+    param = next(module.parameters(), None)
+    if param is not None:
+        return param.device
+    return torch.device(default) if default is not None else None
+
+
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
     """Inside the block, float32 on CUDA is float32: no TF32 in convolutions (cuDNN's default) or matmuls.

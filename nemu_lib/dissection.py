@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .budget import announce, forward_gflops
+from .config import module_device
 from .data import concept_names
 from .encoders import Encoder, SmallResNet, TorchvisionResNet
 
@@ -204,8 +205,7 @@ def dissect(
     if concepts is None:
         concepts = getattr(getattr(images, "dataset", None), "concept_names", None) or concept_names()
     concepts = tuple(concepts)
-    param = next(encoder.parameters(), None)
-    dev = torch.device(device) if device is not None else param.device if param is not None else torch.device("cpu")
+    dev = torch.device(device) if device is not None else module_device(encoder)
 
     cache: dict[int, list[Tensor]] = {}  # batch -> its maps, from pass 1 to pass 2
     room = [cache_bytes if isinstance(images, Tensor) else 0]  # a DataLoader may shuffle: never cache it
@@ -352,8 +352,7 @@ def unit_masks(encoder: Encoder, x: Tensor, layer: str | int, unit: int, thresho
     ``threshold`` is the unit's T_k, e.g. ``dissect(...)[layer].thresholds[unit]``; the masks are those whose
     overlaps with the labels :func:`dissect` sums.
     """
-    param = next(encoder.parameters(), None)
-    dev = param.device if param is not None else x.device
+    dev = module_device(encoder, x.device)
     a = encoder.features(x.to(dev))[_layer_index(encoder, layer)][:, unit:unit + 1].float()  # (B, 1, h, w)
     up = F.interpolate(a, size=size or tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     return (up > torch.as_tensor(threshold, device=up.device)).cpu()
@@ -383,8 +382,7 @@ class RotatedUnits(Encoder):
                      "config"):
             setattr(self, attr, getattr(encoder, attr))
         self.index = sorted({_layer_index(encoder, layer) for layer in layers})
-        param = next(encoder.parameters(), None)
-        device = param.device if param is not None else None  # the rotations live beside the encoder's weights
+        device = module_device(encoder, None)  # the rotations live beside the encoder's weights
         for j, i in enumerate(self.index):
             self.register_buffer(f"q{i}", random_rotation(self.feature_channels[i], seed + j).to(device))
         last = len(self.feature_names) - 1

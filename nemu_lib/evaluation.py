@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .baselines import label_free_gradient, label_free_integrated_gradients, random_map
 from .nem import NEMU
-from .relax import relax
+from .relax import RelaxResult, relax
 
 METHODS = ("NEM-U", "NEM-U contrastive", "amortised RELAX", "RELAX", "U-RELAX", "label-free gradient",
            "label-free IG", "random")
@@ -254,14 +254,12 @@ def relax_convergence(
     Returns:
         ``(Ns, pearson (len(Ns), B))``; at the largest N this is RELAX's noise ceiling.
     """
-    sum_w = sum_ws = None
+    total: RelaxResult | None = None  # the first N masks so far
     done, rows = 0, []
     for i, n in enumerate(tqdm(n_masks, desc="RELAX convergence", disable=not progress)):
         part = relax(encoder, x, n_masks=n - done, seed=seed + i)
-        w = part.weights  # (H, W), Σ M of this chunk
-        sum_w = w if sum_w is None else sum_w + w
-        sum_ws = part.importance * w if sum_ws is None else sum_ws + part.importance * w
-        rows.append(metrics.pearson((sum_ws / sum_w.clamp_min(1e-12)).float(), reference.to(x.device)).cpu())
+        total = part if total is None else total.merge(part)
+        rows.append(metrics.pearson(total.importance.float(), reference.to(x.device)).cpu())
         done = n
     return list(n_masks), torch.stack(rows)
 

@@ -130,9 +130,8 @@ def mosaic_maps(encoder: nn.Module, mosaic_image: Tensor, tiles: Tensor, n_masks
         refs = encoder(x_tiles)  # (4, D): r = f(tile alone), row-major like the grid
     imp = relax(encoder, xm.expand(4, -1, -1, -1), n_masks=n_masks, reference=refs, seed=seed).importance
     above = (imp - imp.flatten(1).min(1).values[:, None, None]).cpu()  # (4, 2H, 2W)
-    side_h, side_w = tiles.shape[-2:]
-    tile_sums = above.unflatten(1, (2, side_h)).unflatten(3, (2, side_w)).sum((2, 4)).flatten(1)  # (4 queries, 4)
-    return above, tile_sums.diagonal() / tile_sums.sum(1), tile_sums.argmax(1) == torch.arange(4)
+    tiles_mean = metrics.tile_means(above, 2)  # (4 queries, 4 tiles), row-major like the grid; equal tile sizes
+    return above, tiles_mean.diagonal() / tiles_mean.sum(1), tiles_mean.argmax(1) == torch.arange(4)
 
 
 def mosaic_locality(

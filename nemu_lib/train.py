@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .budget import NEMU_PASSES, announce, forward_gflops
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import autocast, grad_scaler
+from .config import autocast, grad_scaler, module_device
 from .encoders import Encoder
 from .nem import NEMU, OBJECTIVES, build_objective, encoder_fingerprint
 
@@ -344,8 +344,7 @@ def load_nemu(path: str | os.PathLike, encoder: Encoder, map_location: str | tor
     expect = {"encoder": encoder.config, "encoder_fingerprint": encoder_fingerprint(encoder)}
     ckpt = load_checkpoint(path, expect=expect, map_location=map_location)
     config = ckpt["config"]
-    param = next(encoder.parameters(), None)
-    with torch.device(param.device if param is not None else "cpu"):  # beside the encoder, not the default device
+    with torch.device(module_device(encoder)):  # beside the encoder, not the default device
         model = NEMU(encoder, uncertainty=config["uncertainty"], max_width=config["max_width"],
                      min_stride=config["min_stride"])
     model.decoder.load_state_dict(ckpt["decoder"])
