@@ -71,6 +71,15 @@ class Encoder(nn.Module):
     def features(self, x: Tensor) -> list[Tensor]:
         return self.forward_features(x)[1]
 
+    def forward_from(self, index: int, fmap: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Run the encoder on from its map ``index``: ``(z, [fmap, maps index + 1, …])`` given that map.
+
+        What an explainer network feeds its reconstruction to (:mod:`nemu_lib.explainer`); gradients reach
+        ``fmap`` through the frozen later stages.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run from an inner map: implement forward_from "
+                                  "(the stages after map `index`, then the pooling to z)")
+
 
 class BasicBlock(nn.Module):
     """Two conv3x3 + BatchNorm with a residual connection (He et al. 2016, Fig. 2)."""
@@ -143,6 +152,12 @@ class SmallResNet(Encoder):
         z = maps[-1].mean(dim=(2, 3))  # (B, D)
         return z, maps
 
+    def forward_from(self, index: int, fmap: Tensor) -> tuple[Tensor, list[Tensor]]:
+        maps = [fmap]  # map i is the output of stage i (the stem's for i = 0), so stages[i:] follow it
+        for stage in self.stages[index:]:
+            maps.append(stage(maps[-1]))
+        return maps[-1].mean(dim=(2, 3)), maps
+
 
 _RESNET_TAPS = {"relu": "stem", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3",
                 "layer4": "layer4", "flatten": "z"}
@@ -186,6 +201,31 @@ class TorchvisionResNet(Encoder):
     def _forward_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         out = self.body(x)
         return out["z"], [out[k] for k in ("stem", "layer1", "layer2", "layer3", "layer4")]
+
+    def forward_from(self, index: int, fmap: Tensor) -> tuple[Tensor, list[Tensor]]:
+        maps = [fmap]
+        if index == 0:
+            fmap = self.body.maxpool(fmap)
+        for name in ("layer1", "layer2", "layer3", "layer4")[index:]:
+            for block in getattr(self.body, name).children():  # the feature extractor keeps leaves, not forwards
+                fmap = _resnet_block(block, fmap)
+            maps.append(fmap)
+        return fmap.mean(dim=(2, 3)), maps
+
+
+def _resnet_block(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's BasicBlock / Bottleneck forward from its leaf modules (conv1, bn1, …, downsample)."""
+    out, i = x, 1
+    while hasattr(block, f"conv{i}"):
+        out = getattr(block, f"bn{i}")(getattr(block, f"conv{i}")(out))
+        i += 1
+        if hasattr(block, f"conv{i}"):
+            out = torch.relu(out)
+    shortcut = x
+    if hasattr(block, "downsample"):
+        for layer in block.downsample.children():
+            shortcut = layer(shortcut)
+    return torch.relu(out + shortcut)
 
 
 ENCODERS = {"small_resnet": SmallResNet, "resnet18": TorchvisionResNet, "resnet50": TorchvisionResNet}
