@@ -158,7 +158,9 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
     training the SimCLR and supervised encoders and embedding the splits for the probes (01), RELAX in
     its sections (02), the NEM-U decoders of one encoder and RELAX beside them (03), the evaluation of two
     encoders (04: RELAX on every held-out scene, its convergence and the random encoder, integrated
-    gradients, deletion curves, the decoders notebook 03 did not train) and Network Dissection (05).
+    gradients, deletion curves, the decoders notebook 03 did not train), Network Dissection (05) and two
+    explainer networks (06: the performer's forward pass and its last stage backward per step, then
+    explaining the training and test splits, the probes and one dissection).
     """
     from .config import get_profile
 
@@ -201,6 +203,10 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
                     + relax(2 * e["relax_images"])),
         "04_evaluating_explanations": 2 * evaluation + decoder("nem-contrastive") + decoder("relax"),
         "05_network_dissection": dissection + 2 * probes / 3,
+        "06_explainer_networks": 2 * (run(infer=e["explainer_steps"] * e["explainer_batch_size"],
+                                          train=e["explainer_steps"] * e["explainer_batch_size"] / 8,
+                                          calls=e["explainer_steps"])
+                                      + probes / 3 + dissection / (6 * (1 + e["dissection_rotations"]))),
     }
     return {name: seconds + NOTEBOOK_OVERHEAD for name, seconds in steps.items()}
 

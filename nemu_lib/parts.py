@@ -21,6 +21,9 @@ Two reference levels put a number in context, at the same map resolution and on 
 - the quantisation floor (:func:`quantised_landmark_peaks`): a filter that always fires on the unit containing
   the object's centre, the best a perfect centre detector can score on a map of h × w units.
 
+Where a filter fires can also be read against a mask: :func:`on_mask` says whether each peak lies on the main
+object, the part filters' counterpart of NEM-U's and RELAX's mass on the object.
+
 Coordinates are (x, y) in image pixels with pixel k centred at k, the convention of the Shapes scenes'
 ``keypoints (N, 7, 2)`` (:func:`nemu_lib.data.render_scene`): landmark 0 is the object's centre, 1–6 its
 corners or tips (``keypoint_valid`` says which exist; a circle has only its centre).
@@ -203,3 +206,20 @@ def quantised_landmark_peaks(
     j = ((centre[:, 0] + 0.5) * (width / img_w)).floor().clamp(0, width - 1).long()  # (N,)
     i = ((centre[:, 1] + 0.5) * (height / img_h)).floor().clamp(0, height - 1).long()  # (N,)
     return unit_centres(height, width, image_size, device=landmarks.device)[i * width + j][:, None]  # (N, 1, 2)
+
+
+def on_mask(peaks: Tensor, masks: Tensor) -> Tensor:
+    """Whether each peak falls on its image's mask: ``(N, F)`` bool from ``peaks (N, F, 2)`` (x, y) pixels and
+    ``masks (N, H, W)`` bool (e.g. the main object's), read at the pixel nearest to the peak.
+
+    The share of peaks on the object, against the object's share of the pixels (where a filter that fires
+    anywhere lands), compares part filters with NEM-U's and RELAX's mass on the object (notebooks 03-04).
+    """
+    if peaks.ndim != 3 or peaks.shape[-1] != 2 or masks.ndim != 3 or len(masks) != len(peaks):
+        raise ValueError(f"need peaks (N, F, 2) and masks (N, H, W) of the same N, got {tuple(peaks.shape)} and "
+                         f"{tuple(masks.shape)}")
+    n, f, _ = peaks.shape
+    x = peaks[..., 0].round().long().clamp(0, masks.shape[2] - 1)  # (N, F)
+    y = peaks[..., 1].round().long().clamp(0, masks.shape[1] - 1)  # (N, F)
+    image = torch.arange(n, device=masks.device)[:, None].expand(n, f)  # (N, F)
+    return masks.bool()[image, y.to(masks.device), x.to(masks.device)]  # (N, F)

@@ -14,6 +14,7 @@ from nemu_lib.data import load_split
 from nemu_lib.parts import (
     chance_peaks,
     location_instability,
+    on_mask,
     peak_positions,
     quantised_landmark_peaks,
     unit_centres,
@@ -248,6 +249,20 @@ def test_devices(device):
     assert_close(centres.cpu(), unit_centres(4, 5, 32))
     assert_close(floor.cpu(), quantised_landmark_peaks(landmarks, 4, 5, 32))
     assert chance[0].shape == (6, 3, 2) and chance[1].shape == (6, 3) and floor.shape == (12, 1, 2)
+
+
+def test_on_mask_reads_the_nearest_pixel(device):
+    masks = torch.zeros(2, 8, 10, dtype=torch.bool, device=device)
+    masks[0, 2, 7] = True  # row (y) 2, column (x) 7
+    masks[1, 7, 0] = True
+    peaks = torch.tensor([[[7.0, 2.0], [6.6, 2.4], [7.0, 3.0]],  # on, on (rounds to 7, 2), off
+                          [[0.0, 7.0], [-3.0, 9.0], [9.0, 0.0]]], device=device)  # on, clamped onto it, off
+    with stray_tensor_guard():
+        hit = on_mask(peaks, masks)
+    assert hit.device.type == device.type
+    assert hit.tolist() == [[True, True, False], [True, True, False]]
+    with pytest.raises(ValueError, match="same N"):
+        on_mask(peaks, masks[:1])
 
 
 # ------------------------------------------------------------------------------------------------------- errors
