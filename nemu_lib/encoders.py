@@ -75,7 +75,7 @@ class Encoder(nn.Module):
         """Run the encoder on from its map ``index``: ``(z, [fmap, maps index + 1, …])`` given that map.
 
         What an explainer network feeds its reconstruction to (:mod:`nemu_lib.explainer`); gradients reach
-        ``fmap`` through the frozen later stages.
+        ``fmap`` through the frozen later stages. Negative indices count from the last map.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot run from an inner map: implement forward_from "
                                   "(the stages after map `index`, then the pooling to z)")
@@ -153,6 +153,7 @@ class SmallResNet(Encoder):
         return z, maps
 
     def forward_from(self, index: int, fmap: Tensor) -> tuple[Tensor, list[Tensor]]:
+        index %= len(self.feature_channels)  # -1: the last map
         maps = [fmap]  # map i is the output of stage i (the stem's for i = 0), so stages[i:] follow it
         for stage in self.stages[index:]:
             maps.append(stage(maps[-1]))
@@ -203,6 +204,7 @@ class TorchvisionResNet(Encoder):
         return out["z"], [out[k] for k in ("stem", "layer1", "layer2", "layer3", "layer4")]
 
     def forward_from(self, index: int, fmap: Tensor) -> tuple[Tensor, list[Tensor]]:
+        index %= len(self.feature_channels)  # -1: the last map
         maps = [fmap]
         if index == 0:
             fmap = self.body.maxpool(fmap)

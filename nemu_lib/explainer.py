@@ -29,8 +29,9 @@ template T⁻::
 
 (n × n maps in the paper; here n is the longer side.) With one category (no labels) every image is a
 positive. In the forward pass each map is multiplied by the positive template at its own peak
-µ̂ = argmax x (the choice is not differentiated) and ReLU'd again: activations away from the peak are
-suppressed, so a filter can only say "my part is here".
+µ̂ = argmax x (the choice is not differentiated), scaled to 1 at µ̂ (T_µ̂ / τ: τ only sets the loss's
+scale), and ReLU'd again: activations away from the peak are suppressed, so a filter can only say "my part
+is here".
 
 :func:`train_explainer` trains one (checkpoints, resume, progress as :func:`nemu_lib.train.train`);
 :func:`explain_parts` runs a trained one over a data set; :class:`PartUnits` exposes its part filters to
@@ -102,7 +103,8 @@ def filter_loss(x: Tensor) -> Tensor:
         raise ValueError(f"filter maps must have shape (B, F, h, w), got {tuple(x.shape)}")
     b, f, h, w = x.shape
     t = templates(h, w, device=x.device).reshape(h * w + 1, h * w)  # (T, h w)
-    scores = x.float().reshape(b, f, h * w) @ t.T  # (B, F, T): tr(x · T)
+    with torch.autocast(x.device.type, enabled=False):  # an outer bf16 autocast would round the scores
+        scores = x.float().reshape(b, f, h * w) @ t.T  # (B, F, T): tr(x · T)
     log_px_t = scores - scores.logsumexp(dim=0, keepdim=True)  # log p(x | T), normalised over the batch
     log_prior = template_log_priors(h * w, x.device)  # (T,)
     log_px = (log_prior + log_px_t).logsumexp(dim=-1, keepdim=True)  # (B, F, 1): log p(x)
@@ -111,9 +113,10 @@ def filter_loss(x: Tensor) -> Tensor:
 
 
 def mask_at_peak(x: Tensor) -> Tensor:
-    """``ReLU(x ∘ T_µ̂)`` with µ̂ = argmax of each map ``x (B, F, h, w)``; the choice of µ̂ is not differentiated."""
+    """``ReLU(x ∘ T_µ̂ / τ)`` with µ̂ = argmax of each map ``x (B, F, h, w)``: the map is kept at its peak, faded
+    around it and cut beyond ``n / β``; the choice of µ̂ is not differentiated."""
     b, f, h, w = x.shape
-    t = templates(h, w, device=x.device)[:-1]  # (h w, h, w): the positive ones
+    t = templates(h, w, device=x.device)[:-1] * (h * w / 0.5)  # (h w, h, w): the positive ones over τ, 1 at µ
     peak = x.detach().reshape(b, f, h * w).argmax(dim=-1)  # (B, F)
     return F.relu(x * t[peak].to(x.dtype))  # (B, F, h, w)
 
@@ -164,6 +167,10 @@ class Explainer(nn.Module):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.layer = _layer_index(encoder, layer)
+        with torch.device(module_device(encoder)):  # beside the performer, whatever the default device
+            self._build(encoder, filters, depth, hidden)
+
+    def _build(self, encoder: Encoder, filters: int | None, depth: int, hidden: int | None) -> None:
         self.layer_name = layer_names(encoder)[self.layer]
         if depth not in (1, 2):
             raise ValueError(f"depth must be 1 or 2 interpretable layers, got {depth}")
@@ -183,7 +190,6 @@ class Explainer(nn.Module):
         for _ in range(halvings):
             layers += [nn.Conv2d(self.hidden, self.hidden, 3, stride=2, padding=1), nn.ReLU()]
         self.decoder = nn.Sequential(*layers, nn.Conv2d(self.hidden, out, 1))
-        self.to(module_device(encoder))
 
     @property
     def config(self) -> dict:

@@ -15,6 +15,7 @@ from nemu_lib import encoders
 from nemu_lib.encoders import (
     ENCODERS,
     PRETRAINED,
+    Encoder,
     SmallResNet,
     TorchvisionResNet,
     WeightsUnavailableError,
@@ -344,3 +345,93 @@ def test_load_pretrained_state_dict_wrapper(monkeypatch, tmp_path, no_network, r
     assert torch.equal(enc.body.get_parameter("conv1.weight"), backbone["conv1.weight"])
     assert torch.equal(enc.body.get_parameter("layer4.2.bn3.weight"), backbone["layer4.2.bn3.weight"])
     assert torch.equal(enc.body.get_buffer("layer4.2.bn3.running_var"), backbone["layer4.2.bn3.running_var"])
+
+
+# ------------------------------------------------------------------------------------------ forward_from
+
+
+def _randomise_batchnorm(enc: nn.Module, seed: int) -> nn.Module:
+    """Statistics and affine weights away from the identity, so that a forward_from that skipped (or doubled) a
+    BatchNorm could not reproduce the maps."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return enc.eval()
+
+
+def _encoder_for(name: str) -> Encoder:
+    torch.manual_seed(0)
+    enc = SmallResNet(widths=(4, 8, 8, 8), blocks=(1, 2, 1, 1)) if name == "small" else TorchvisionResNet(name)
+    return _randomise_batchnorm(enc, 1)
+
+
+@pytest.mark.parametrize(("name", "hw"), [("small", (64, 64)), ("small", (40, 56)), ("resnet18", (64, 64)),
+                                          ("resnet18", (50, 38)), ("resnet50", (64, 64))])
+def test_forward_from_reproduces_the_maps_above_every_tap(name, hw):
+    enc = _encoder_for(name)
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z, maps = enc.forward_features(x)
+        for i in range(len(maps)):
+            z_from, maps_from = enc.forward_from(i, maps[i])
+            assert len(maps_from) == len(maps) - i, i
+            assert maps_from[0] is maps[i]
+            for k, (a, b) in enumerate(zip(maps_from, maps[i:], strict=True)):
+                assert torch.equal(a, b), (i, k)
+            assert torch.equal(z_from, z), i
+        other = enc.forward_from(1, maps[1].flip(-1))[0]  # it runs on the map it is given
+    assert not torch.allclose(other, z)
+
+
+@pytest.mark.parametrize("name", ["small", "resnet18"])
+def test_forward_from_passes_gradients_to_the_map(name):
+    enc = _encoder_for(name)
+    enc.requires_grad_(False)  # as a frozen performer
+    with torch.no_grad():
+        maps = enc.features(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    for i in range(len(maps)):
+        fmap = maps[i].clone().requires_grad_()
+        z, later = enc.forward_from(i, fmap)
+        (z.square().sum() + later[-1].sum()).backward()
+        assert fmap.grad is not None and fmap.grad.shape == fmap.shape, i
+        assert torch.isfinite(fmap.grad).all() and fmap.grad.abs().sum() > 0, i
+    # the gradient is that of the encoder's own function of the map: a directional derivative, by differences
+    fmap, v = maps[2].double(), torch.randn(maps[2].shape, generator=torch.Generator().manual_seed(4)).double()
+    enc.double()
+    fmap.requires_grad_()
+    z = enc.forward_from(2, fmap)[0]
+    (g,) = torch.autograd.grad(z.sum(), fmap)
+    eps = 1e-6
+    with torch.no_grad():
+        diff = (enc.forward_from(2, fmap + eps * v)[0].sum() - enc.forward_from(2, fmap - eps * v)[0].sum()) / (2 * eps)
+    assert (g * v).sum().item() == pytest.approx(diff.item(), rel=1e-5, abs=1e-8)
+
+
+def test_base_encoder_forward_from_is_not_implemented():
+    class Plain(Encoder):
+        feature_channels = (3,)
+
+        def _forward_features(self, x):
+            return x.mean(dim=(2, 3)), [x]
+
+    with pytest.raises(NotImplementedError, match="Plain cannot run from an inner map: implement forward_from"):
+        Plain().forward_from(0, torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("encoder", [SmallResNet((4, 8, 8, 8)), TorchvisionResNet("resnet18")],
+                         ids=["small", "resnet18"])
+def test_forward_from_counts_negative_indices_from_the_last_map(encoder):
+    encoder.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z, maps = encoder.forward_features(x)
+        z_last, rest = encoder.forward_from(-1, maps[-1])
+        z_two, rest_two = encoder.forward_from(-2, maps[-2])
+    assert torch.equal(z_last, z) and len(rest) == 1
+    assert torch.equal(z_two, z) and len(rest_two) == 2 and torch.equal(rest_two[1], maps[-1])
