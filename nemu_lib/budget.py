@@ -230,6 +230,10 @@ MEASURED = {
     "05_network_dissection": {
         "smoke": "under a minute",
         "cpu": "~1.5 min on a 2-core CPU (+ ~8 min if notebook 01's encoders must be trained first)"},
+    "06_explainer_networks": {
+        "smoke": "~15 s",
+        "cpu": "~2 min on an idle 2-core CPU (two explainers ~1.2 min), ~1 min once outputs/explainers holds them "
+               "(+ ~8 min if notebook 01's encoders must be trained first)"},
 }
 
 
