@@ -5,28 +5,40 @@
     nemu pretrain --kind all --profile smoke --retrain
     nemu train --encoder simclr --dataset shapes --profile cpu --out runs/simclr     # a NEM-U decoder
     nemu explain --run runs/simclr photo.png folder/ --out explanations/             # masks and overlays
+    nemu relax photo.png folder/ --encoder resnet50-dino --out relax/                  # RELAX maps, N = 3,000
+    nemu relax folder/ --encoder simclr --profile cpu --reference cat.png --n-masks 1000 --out why-like-cat/
+    nemu evaluate --encoder simclr --profile cpu     # notebook 04's table: outputs/evaluation/simclr-cpu-seed0.md
 
 ``nemu train`` takes the arguments of ``python -m nemu_lib.train`` (``torchrun`` for several GPUs). Expected
 failures (a missing file, an unreadable image, a checkpoint of another encoder, a data set that needs
 internet) end with one line ``nemu: error: ...`` and exit status 2; ``NEMU_DEBUG=1`` shows the traceback.
+``nemu relax`` is the exception for images it cannot read: it names each on stderr, explains the others and
+exits with status 1. Explaining never trains an encoder (``nemu pretrain`` does); ``nemu evaluate`` trains
+what the evaluation needs and is missing, as notebook 04 does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from . import launch, ssl, train
-from .config import PROFILES, get_profile
+from . import launch, relax, ssl, train
+from .checkpoint import atomic_write
+from .config import PROFILES, get_profile, outputs_dir
 from .config import device as default_device
 from .data import normalize
+from .encoders import PRETRAINED
+from .evaluation import describe_worth
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -78,6 +90,17 @@ def read_image(path: str | Path, size: int) -> Tensor:
     x = img[None].float() / 255  # (1, 3, H, W)
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x[0].clamp(0, 1)
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """One output name per image, unique: the file's stem, ``a-2``, ``a-3`` ... for a.png, a.jpg, ..."""
+    names: list[str] = []
+    for path in paths:
+        name, k = path.stem, 2
+        while name in names:
+            name, k = f"{path.stem}-{k}", k + 1
+        names.append(name)
+    return names
 
 
 def save_overlay(image: Tensor, mask: np.ndarray, path: str | Path, title: str | None = None) -> None:
@@ -142,12 +165,7 @@ def _explain(args: argparse.Namespace) -> None:
     model = train.load_nemu(ckpt, encoder, map_location=dev).to(dev)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names: list[str] = []
-    for path in paths:  # unique output names: a.png and a.jpg become a and a-2
-        name, k = path.stem, 2
-        while name in names:
-            name, k = f"{path.stem}-{k}", k + 1
-        names.append(name)
+    names = output_names(paths)  # a.png and a.jpg become a and a-2
     with torch.inference_mode():
         for start in range(0, len(images), args.batch_size):
             batch = images[start:start + args.batch_size]
@@ -163,6 +181,170 @@ def _explain(args: argparse.Namespace) -> None:
                     written.append(f"{name}_uncertainty.npy")
                 print(f"{path}: mask area {mask.mean():.3f} -> {', '.join(written)}")
     print(f"explained {len(paths)} image(s) with {ckpt} into {out}")
+
+
+# ------------------------------------------------------------------------------------------------- relax
+
+IMAGES_PER_CALL = 4  # images per RELAX call: they share each batch of masks (drawn once), and their maps
+# are written after each call. Sharing saves only the masks' drawing (on a CPU one call of 8 Shapes images took
+# as long as 8 calls of one), so small calls keep the results coming
+
+
+def save_relax_figure(image: Tensor, importance: np.ndarray, uncertainty: np.ndarray, path: str | Path,
+                      title: str | None = None) -> None:
+    """``image (3, H, W)`` in [0, 1] | its RELAX importance over it | its uncertainty over it, as a PNG.
+
+    Each map is coloured from its own minimum to its maximum (RELAX's importance varies by ~1e-2 around the
+    level of the similarities), which the panel's title gives.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from . import viz
+
+    fig = Figure(figsize=(9.0, 3.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)  # no pyplot: the global backend stays as it is (notebooks)
+    axes = fig.subplots(1, 3)
+    viz.show_image(axes[0], image, "image")
+    for ax, m, name, cmap in ((axes[1], importance, "importance R", "viridis"),
+                              (axes[2], uncertainty, "uncertainty U", "magma")):
+        viz.overlay(ax, image, m, alpha=0.6, cmap=cmap, title=f"{name} ({m.min():.3g} to {m.max():.3g})")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path)
+
+
+def _relax(args: argparse.Namespace) -> None:
+    """``nemu relax``: RELAX maps of image files; exit status 1 (``SystemExit``) when some could not be read."""
+    for name in ("n_masks", "batch_size", "size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    launch.check_encoder_spec(args.encoder)
+    shapes = args.encoder not in PRETRAINED
+    profile = get_profile(args.profile) if shapes else None
+    size = args.size or (profile.image_size if shapes else 224)
+    paths = image_paths(args.inputs)
+    dev = default_device(args.device)
+    encoder = launch.resolve_encoder(args.encoder, profile, args.encoder_seed, dev, allow_training=False,
+                                     progress=not args.no_progress)
+    reference = None
+    if args.reference:
+        if not Path(args.reference).is_file():
+            raise FileNotFoundError(f"--reference {args.reference} does not exist: pass an image file (png, jpg)")
+        x_ref = normalize(read_image(args.reference, size)[None], encoder.mean, encoder.std).to(dev)
+        with torch.inference_mode():
+            reference = encoder.eval()(x_ref)[0]  # (D,): r = f(reference), "why is each image like it?"
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = output_names(paths)
+    record = {"encoder": args.encoder, "encoder_seed": args.encoder_seed if shapes else None,
+              "profile": profile.name if shapes else None, "size": size, "n_masks": args.n_masks,
+              "batch_size": args.batch_size, "seed": args.seed, "device": str(dev),
+              "reference": str(args.reference) if args.reference else None,
+              "mean": list(encoder.mean), "std": list(encoder.std), "images": [], "failed": []}
+    bar = tqdm(total=len(paths), desc="RELAX", unit="image", disable=args.no_progress)
+    for start in range(0, len(paths), IMAGES_PER_CALL):
+        todo, images = [], []
+        for i in range(start, min(start + IMAGES_PER_CALL, len(paths))):
+            try:
+                images.append(read_image(paths[i], size))
+                todo.append(i)
+            except ValueError as err:  # unreadable: said on one line, skipped
+                reason = " ".join(str(err).split())
+                tqdm.write(f"nemu: skipped: {reason}", file=sys.stderr)
+                record["failed"].append({"file": str(paths[i]), "reason": reason})
+                bar.update(1)
+        if not images:
+            continue
+        batch = torch.stack(images)  # (B, 3, S, S) in [0, 1]
+        x = normalize(batch, encoder.mean, encoder.std).to(dev)
+        if record["batch_size"] is None:
+            record["batch_size"] = relax.default_batch_size(x)
+        began = time.perf_counter()
+        result = relax.relax(encoder, x, n_masks=args.n_masks, batch_size=args.batch_size, reference=reference,
+                             seed=args.seed, progress=not args.no_progress)
+        seconds = (time.perf_counter() - began) / len(todo)  # the call's time, shared by its images
+        maps = {"importance": result.importance, "uncertainty": result.uncertainty, "u_relax": result.u_relax}
+        for j, i in enumerate(todo):
+            name = names[i]
+            arrays = {k: v[j].float().cpu().numpy().astype(np.float32) for k, v in maps.items()}  # (S, S) each
+            written = []
+            for key, a in arrays.items():
+                np.save(out / f"{name}_{key}.npy", a)
+                written.append(f"{name}_{key}.npy")
+            save_relax_figure(batch[j], arrays["importance"], arrays["uncertainty"], out / f"{name}_relax.png",
+                              title=f"{paths[i].name}: RELAX on {args.encoder}, N = {args.n_masks}"
+                                    + (f", reference {Path(args.reference).name}" if args.reference else ""))
+            written.append(f"{name}_relax.png")
+            record["images"].append({"file": str(paths[i]), "name": name, "seconds": seconds, "written": written})
+            imp = arrays["importance"]
+            tqdm.write(f"{paths[i]}: importance {imp.min():.4g} to {imp.max():.4g}, {seconds:.3g} s -> "
+                       f"{', '.join(written)}", file=sys.stdout)
+        bar.update(len(todo))
+        _write_json(out / "relax.json", record)  # after every call: an interrupted run keeps what it did
+    bar.close()
+    _write_json(out / "relax.json", record)
+    failed = len(record["failed"])
+    print(f"explained {len(record['images'])} of {len(paths)} image(s) with RELAX on {args.encoder} into {out}"
+          + (f"; {failed} could not be read (listed in relax.json)" if failed else ""))
+    if failed:
+        raise SystemExit(1)
+
+
+def _write_json(path: Path, record: dict) -> None:
+    text = json.dumps(record, indent=2, default=float) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+def evaluation_files(spec: str, profile: str, seed: int) -> tuple[Path, Path]:
+    """``outputs/evaluation/<spec>-<profile>-seed<seed>.md`` and ``.json``, beside the evaluation's cache."""
+    base = outputs_dir() / "evaluation" / f"{spec}-{profile}-seed{seed}"
+    return base.with_suffix(".md"), base.with_suffix(".json")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from . import report, runs
+
+    launch.check_encoder_spec(args.encoder)
+    if args.encoder not in ssl.ENCODER_KINDS:
+        raise ValueError(f"nemu evaluate scores maps against the Shapes scenes' object masks and needs NEM-U "
+                         f"decoders trained on the encoder, so it evaluates the Shapes encoders only: "
+                         f"{', '.join(ssl.ENCODER_KINDS)}. For {args.encoder}, explain images with "
+                         f"`nemu relax IMAGES --encoder {args.encoder} --out DIR`")
+    p = get_profile(args.profile)
+    kind, seed = args.encoder, args.seed
+    # evaluating trains what is missing (as notebook 04 does): say so before it starts
+    missing = [] if ssl.encoder_path(kind, p, seed).is_file() else [f"{kind} encoder"]
+    missing += [f"NEM-U decoder ({objective})" for objective in runs.RUN_NAMES
+                if not (runs.run_dir(kind, objective, p) / train.CHECKPOINT).is_file()]
+    if missing:
+        print(f"not in {outputs_dir()}, trained first: {', '.join(missing)}")
+    result = report.evaluate_encoder(kind, p, seed=seed, device=args.device, recompute=args.recompute,
+                                     progress=not args.no_progress)
+    headline = report.results_record([result])[kind]
+    n_masks = p.extra["relax_masks"]
+    md_path, json_path = evaluation_files(kind, p.name, seed)
+    listed = {k: v for k, v in headline.items() if k != "table"}
+    listed["nemu_worth_n_masks"] = {m: describe_worth(n, result.ns) for m, n in result.worth.items()}
+    text = (f"**{kind} encoder**, profile {p.name}, seed {seed} ({len(result.images)} held-out scenes, RELAX N = "
+            f"{n_masks})\n\n{result.markdown}\n" + "".join(f"- {k}: {_brief(v)}\n" for k, v in listed.items()))
+    record = {"encoder": kind, "profile": p.name, "seed": seed, "eval_images": len(result.images),
+              "relax_masks": n_masks, **headline}
+    atomic_write(md_path, lambda f: f.write(text.encode()))
+    _write_json(json_path, record)
+    print(text)
+    print(f"written: {md_path}, {json_path}")
+
+
+def _brief(value: object) -> str:
+    """A headline figure as the Markdown lists it: 4 significant digits, dicts as ``key value, ...``."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_brief(v)}" for k, v in value.items())
+    return f"{value:.4g}" if isinstance(value, float) and not math.isnan(value) else str(value)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -202,6 +384,47 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=int, default=32)
     ex.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     ex.set_defaults(func=_explain)
+
+    rx = sub.add_parser("relax", help="RELAX maps of image files (no training needed)",
+                        description="Explain image files with RELAX: writes <name>_importance.npy, "
+                                    "<name>_uncertainty.npy, <name>_u_relax.npy (float32, S x S), <name>_relax.png "
+                                    "and relax.json (settings, seconds per image, files that could not be read). "
+                                    "Unreadable images are named on stderr and skipped; the exit status is then 1.")
+    rx.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="png / jpg files or folders of them")
+    rx.add_argument("--encoder", required=True, metavar="SPEC",
+                    help=f"the encoder to explain: {', '.join(launch.ENCODER_SPECS)} (the Shapes ones must have "
+                         "been trained: nemu pretrain)")
+    rx.add_argument("--out", required=True, help="folder for the maps, figures and relax.json")
+    rx.add_argument("--n-masks", type=int, default=3000, help="N, random masks per image (default: 3000)")
+    rx.add_argument("--batch-size", type=int, default=None,
+                    help="masks per encoder call (default: 100 on a CPU, up to 1000 on a GPU)")
+    rx.add_argument("--reference", default=None, metavar="IMAGE",
+                    help="explain why each image is like this one: score masked copies against its representation")
+    rx.add_argument("--size", "--image-size", dest="size", type=int, default=None,
+                    help="px the images are resized to (default: the profile's for a Shapes encoder, 224 for a "
+                         "pretrained ResNet)")
+    rx.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                    help="which Shapes encoders (default: NEMU_PROFILE or the hardware)")
+    rx.add_argument("--encoder-seed", type=int, default=0,
+                    help="which Shapes encoder of the profile (outputs/encoders/<kind>-<profile>-seed<N>.pt)")
+    rx.add_argument("--seed", type=int, default=0, help="the masks' random seed")
+    rx.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    rx.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rx.set_defaults(func=_relax)
+
+    ev = sub.add_parser("evaluate", help="notebook 04's table for one Shapes encoder",
+                        description="Evaluate every explanation method on a Shapes encoder's held-out scenes "
+                                    "(notebook 04): writes outputs/evaluation/<encoder>-<profile>-seed<N>.md and "
+                                    ".json and prints the table. Trains the encoder and its NEM-U decoders if "
+                                    "they are missing.")
+    ev.add_argument("--encoder", required=True, metavar="SPEC", help=f"one of {', '.join(ssl.ENCODER_KINDS)}")
+    ev.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: NEMU_PROFILE or hardware")
+    ev.add_argument("--seed", type=int, default=0, help="the encoder's seed, and the evaluation's")
+    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    ev.add_argument("--recompute", action="store_true",
+                    help="compute RELAX and the other encoder-only maps again instead of reusing the saved ones")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 

@@ -1,0 +1,240 @@
+"""``nemu relax`` and ``nemu evaluate``: RELAX maps of image files, and notebook 04's table, from the shell.
+
+The encoder is the smoke profile's random one (``nemu pretrain --kind random``: initialisation only, nothing
+trained), saved once per module into a temporary NEMU_OUTPUTS; the images are scikit-image's photographs.
+"""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+from nemu_lib import cli, launch, report
+from nemu_lib import evaluation as ev
+from nemu_lib.data import normalize
+from nemu_lib.encoders import build_encoder
+from nemu_lib.relax import relax
+
+N = 50  # masks: enough for maps that differ from image to image, cheap at 32 px
+PHOTOS = {"astronaut.png": skimage.data.astronaut, "chelsea.png": skimage.data.chelsea,
+          "coffee.jpg": skimage.data.coffee}
+NAMES = ("astronaut", "chelsea", "coffee")
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(autouse=True)
+def _env(outputs, monkeypatch):
+    monkeypatch.setenv("NEMU_OUTPUTS", str(outputs))
+    for name in ("NEMU_DEBUG", "NEMU_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def encoder(outputs):
+    """The smoke profile's random encoder, saved as `nemu pretrain` saves it, then loaded without training."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEMU_OUTPUTS", str(outputs))
+        cli.main(["pretrain", "--kind", "random", "--profile", "smoke", "--device", "cpu"])
+        return launch.resolve_encoder("random", "smoke", device="cpu", allow_training=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of three photographs (PNG and JPEG) and a corrupt PNG."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name, load in PHOTOS.items():
+        Image.fromarray(load()).save(folder / name, quality=95)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def relaxed(encoder, photos, outputs, tmp_path_factory):
+    """``nemu relax FOLDER --encoder random --profile smoke --n-masks 50``: (out, exit status, stdout, stderr)."""
+    out = tmp_path_factory.mktemp("relax")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.setenv("NEMU_OUTPUTS", str(outputs))
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["relax", str(photos), "--encoder", "random", "--profile", "smoke", "--n-masks", str(N),
+                      "--out", str(out), "--device", "cpu"])
+    return out, exc.value.code, stdout.getvalue(), stderr.getvalue()
+
+
+def _error(capsys, argv) -> str:
+    """Run the command, expect a clean failure (exit status 2, one line, no traceback); return the line."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("nemu: error: ")
+    return line
+
+
+def _direct(encoder, path, size=32, **kwargs):
+    """RELAX run in Python on the image file as the command reads it (resized, normalised)."""
+    x = normalize(cli.read_image(path, size)[None], encoder.mean, encoder.std)
+    return relax(encoder, x, n_masks=N, seed=0, **kwargs)
+
+
+def _maps(out, name) -> dict[str, np.ndarray]:
+    return {k: np.load(out / f"{name}_{k}.npy") for k in ("importance", "uncertainty", "u_relax")}
+
+
+def test_relax_writes_maps_figures_and_settings(relaxed, photos):
+    out, code, stdout, _ = relaxed
+    assert code == 1  # one file could not be read
+    for name in NAMES:
+        maps = _maps(out, name)
+        for key, a in maps.items():
+            assert a.shape == (32, 32) and a.dtype == np.float32 and np.isfinite(a).all(), (name, key)
+        assert (maps["uncertainty"] >= 0).all() and maps["importance"].std() > 0
+        kept = maps["u_relax"] != 0  # U-RELAX: the importance where it is certain, about half the pixels
+        assert_close(maps["u_relax"][kept], maps["importance"][kept])
+        assert 0.3 < kept.mean() < 0.7
+        with Image.open(out / f"{name}_relax.png") as figure:
+            assert figure.format == "PNG" and figure.size[0] > 2 * figure.size[1]  # three panels side by side
+        assert f"{name}_importance.npy" in stdout
+    assert not (out / "astronaut_importance.npy").read_bytes() == (out / "chelsea_importance.npy").read_bytes()
+    record = json.loads((out / "relax.json").read_text())
+    assert {k: record[k] for k in ("encoder", "encoder_seed", "profile", "size", "n_masks", "batch_size", "seed",
+                                   "reference")} == {
+        "encoder": "random", "encoder_seed": 0, "profile": "smoke", "size": 32, "n_masks": N, "batch_size": 100,
+        "seed": 0, "reference": None}
+    assert [r["name"] for r in record["images"]] == list(NAMES)
+    assert all(r["seconds"] > 0 for r in record["images"])
+    assert [f["file"] for f in record["failed"]] == [str(photos / "broken.png")]
+    assert "explained 3 of 4 image(s)" in stdout
+
+
+def test_relax_maps_equal_the_library_call(relaxed, encoder, photos):
+    out = relaxed[0]
+    for name, file in zip(NAMES, PHOTOS, strict=True):
+        direct = _direct(encoder, photos / file)
+        maps = _maps(out, name)
+        assert_close(torch.from_numpy(maps["importance"]), direct.importance[0].float())
+        assert_close(torch.from_numpy(maps["uncertainty"]), direct.uncertainty[0].float(), rtol=1e-4, atol=1e-7)
+
+
+def test_an_unreadable_file_is_named_once_and_skipped(relaxed):
+    out, code, _, stderr = relaxed
+    assert code == 1
+    lines = [line for line in stderr.splitlines() if "broken.png" in line]
+    assert len(lines) == 1 and "cannot read image" in lines[0] and "Traceback" not in stderr
+    assert not list(out.glob("broken*"))
+
+
+def test_reference_explains_why_an_image_is_like_another(encoder, photos, tmp_path, relaxed):
+    cli.main(["relax", str(photos / "astronaut.png"), "--reference", str(photos / "chelsea.png"), "--encoder",
+              "random", "--profile", "smoke", "--n-masks", str(N), "--out", str(tmp_path), "--device", "cpu",
+              "--no-progress"])  # every file read: exit status 0, no SystemExit
+    maps = _maps(tmp_path, "astronaut")
+    plain = _maps(relaxed[0], "astronaut")
+    assert not np.allclose(maps["importance"], plain["importance"], atol=1e-3)
+    x_ref = normalize(cli.read_image(photos / "chelsea.png", 32)[None], encoder.mean, encoder.std)
+    with torch.inference_mode():
+        r = encoder(x_ref)[0]  # (D,)
+    direct = _direct(encoder, photos / "astronaut.png", reference=r)
+    assert_close(torch.from_numpy(maps["importance"]), direct.importance[0].float())
+    assert json.loads((tmp_path / "relax.json").read_text())["reference"] == str(photos / "chelsea.png")
+
+
+def test_size_seed_and_batch_size_options(encoder, photos, tmp_path):
+    png = str(photos / "chelsea.png")
+    common = ["--encoder", "random", "--profile", "smoke", "--n-masks", str(N), "--device", "cpu", "--no-progress"]
+    cli.main(["relax", png, *common, "--size", "40", "--seed", "3", "--batch-size", "20", "--out", str(tmp_path)])
+    importance = np.load(tmp_path / "chelsea_importance.npy")
+    assert importance.shape == (40, 40)
+    x = normalize(cli.read_image(png, 40)[None], encoder.mean, encoder.std)
+    direct = relax(encoder, x, n_masks=N, seed=3, batch_size=20)
+    assert_close(torch.from_numpy(importance), direct.importance[0].float())
+    assert json.loads((tmp_path / "relax.json").read_text())["batch_size"] == 20
+
+
+def test_pretrained_specs_default_to_224_px(photos, tmp_path, monkeypatch):
+    """A pretrained ResNet (here a stand-in, offline) reads images at 224 px and needs no profile."""
+    tiny = build_encoder("small_resnet", widths=(8, 16, 32, 64))
+    monkeypatch.setattr(launch, "load_pretrained", lambda spec, progress=True: tiny)
+    cli.main(["relax", str(photos / "coffee.jpg"), "--encoder", "resnet18-supervised", "--n-masks", "10",
+              "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    assert np.load(tmp_path / "coffee_importance.npy").shape == (224, 224)
+    record = json.loads((tmp_path / "relax.json").read_text())
+    assert record["size"] == 224 and record["profile"] is None and record["encoder_seed"] is None
+
+
+def test_a_missing_shapes_encoder_is_not_trained(photos, tmp_path, outputs, capsys):
+    line = _error(capsys, ["relax", str(photos), "--encoder", "supervised", "--profile", "smoke",
+                           "--out", str(tmp_path / "out")])
+    assert "nemu pretrain --kind supervised --profile smoke" in line
+    assert not (outputs / "encoders" / "supervised-smoke-seed0.pt").exists()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no masks", "--n-masks must be >= 1"),
+        ("unknown encoder", "choose one of simclr, supervised, random, resnet18-supervised"),
+        ("missing image", "does not exist"),
+        ("missing reference", "--reference"),
+        ("corrupt reference", "cannot read image"),
+    ],
+)
+def test_relax_usage_errors(case, expected, encoder, photos, tmp_path, capsys):
+    argv = ["relax", str(photos / "chelsea.png"), "--encoder", "random", "--profile", "smoke", "--n-masks", str(N),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
+    if case == "no masks":
+        argv[argv.index("--n-masks") + 1] = "0"
+    elif case == "unknown encoder":
+        argv[argv.index("--encoder") + 1] = "byol"
+    elif case == "missing image":
+        argv[1] = str(tmp_path / "nope.png")
+    elif case == "missing reference":
+        argv += ["--reference", str(tmp_path / "nope.png")]
+    else:
+        argv += ["--reference", str(photos / "broken.png")]
+    assert expected in _error(capsys, argv)
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs check out
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+def test_evaluate_writes_notebook_04s_table(encoder, outputs, capsys):
+    argv = ["evaluate", "--encoder", "random", "--profile", "smoke", "--device", "cpu", "--no-progress"]
+    cli.main(argv)  # trains the three smoke decoders (seconds), then evaluates
+    stdout = capsys.readouterr().out
+    assert "trained first: NEM-U decoder (nem)" in stdout
+    md, js = outputs / "evaluation" / "random-smoke-seed0.md", outputs / "evaluation" / "random-smoke-seed0.json"
+    text = md.read_text()
+    assert text.startswith("**random encoder**, profile smoke, seed 0 (8 held-out scenes, RELAX N = 300)")
+    assert text in stdout and "| NEM-U |" in text and "- nemu_worth_n_masks: NEM-U " in text
+    record = json.loads(js.read_text())
+    assert {k: record[k] for k in ("encoder", "profile", "seed", "eval_images", "relax_masks")} == {
+        "encoder": "random", "profile": "smoke", "seed": 0, "eval_images": 8, "relax_masks": 300}
+    assert [row["method"] for row in record["table"]] == list(ev.METHODS)
+    # the numbers are the library's (the saved maps are reused; only the timings differ)
+    result = report.evaluate_encoder("random", "smoke", device="cpu", progress=False)
+    for row, expected in zip(record["table"], result.rows, strict=True):
+        assert row["relevance_mass"] == pytest.approx(expected["relevance_mass"], rel=1e-6)
+        assert row["deletion_auc"] == pytest.approx(expected["deletion_auc"], rel=1e-6)
+    # a second run finds everything on disk
+    cli.main(argv)
+    assert "trained first" not in capsys.readouterr().out
+
+
+def test_evaluate_a_pretrained_resnet_is_a_clean_error(tmp_path, capsys, outputs):
+    line = _error(capsys, ["evaluate", "--encoder", "resnet50-dino", "--profile", "smoke"])
+    assert "Shapes scenes' object masks" in line and "simclr, supervised, random" in line and "nemu relax" in line
+    assert not (outputs / "evaluation" / "resnet50-dino-smoke-seed0.md").exists()
