@@ -63,13 +63,22 @@ class UNetDecoder(nn.Module):
     as all the coarser levels together, and on a CPU half the decoder's time (bench/nemu_speed.py), for
     masks that are smooth at that scale anyway.
 
+    The levels follow the strides it is given. Each skip is fused at its own size (the coarser level is
+    interpolated to it: x2 for a CNN's pyramid, x1 for a ViT's single-stride one, where every tap has
+    stride p). When the finest used tap's stride s is coarser than ``min_stride`` (a ViT: s = p = 8 or 16),
+    ``up`` adds x2 levels without a skip (bilinear x2, then a :class:`DecoderBlock` of the same width) while
+    s / 2 >= ``min_stride``: p = 16 and ``min_stride`` 4 give two, so the head runs at stride 4 as for a
+    CNN. A CNN whose finest used tap already sits within x2 of ``min_stride`` gets none (``up`` is empty),
+    so its decoder, parameters and checkpoints are those of before; only a CNN asked for masks finer than
+    its finest tap gets ``up`` levels too (a torchvision ResNet, stem stride 2, with ``min_stride`` 1: one).
+
     Args:
         feature_channels: channels of the encoder's maps, fine to coarse.
         feature_strides: their strides.
         out_channels: output maps (1: a mask; 2: importance and log-variance).
         max_width: cap on the decoder's channels per level; each level has ``skip channels // 4``
             (at least 8, at most ``max_width``), which keeps the decoder well below the encoder's cost.
-        min_stride: the finest tap used.
+        min_stride: the finest tap used, and the stride the ``up`` levels reach down to.
     """
 
     def __init__(
@@ -90,6 +99,10 @@ class UNetDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             DecoderBlock(widths[i + 1] + channels[i], widths[i]) for i in range(len(widths) - 1)
         )
+        stride, n_up = feature_strides[self.first], 0
+        while stride / 2 >= min_stride:  # no finer tap to fuse: x2 levels without a skip
+            stride, n_up = stride / 2, n_up + 1
+        self.up = nn.ModuleList(DecoderBlock(widths[0], widths[0]) for _ in range(n_up))  # empty for a CNN
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, maps: list[Tensor], size: tuple[int, int]) -> Tensor:
@@ -100,7 +113,9 @@ class UNetDecoder(nn.Module):
             # ×2 in general; sizing to the skip makes odd and non-square inputs work
             h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             h = self.blocks[i](torch.cat([h, skip], dim=1))  # (B, w_i, H / s_i, W / s_i)
-        logits = self.head(h)  # (B, out_channels, H / s_0, W / s_0)
+        for block in self.up:
+            h = block(F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False))  # (B, w_0, 2h, 2w)
+        logits = self.head(h)  # (B, out_channels, H / s, W / s), s = s_0 / 2^len(up)
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits  # (B, out_channels, H, W)

@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from nemu_lib.encoders import SmallResNet, build_encoder
 from nemu_lib.nem import (
     NEMU,
+    UNetDecoder,
     amortised_relax_loss,
     build_objective,
     complement_similarity,
@@ -298,3 +299,52 @@ def test_mask_quality_complement_and_cost_keep_to_the_device_of_x(device):
     for v in (*q.values(), comp):  # documented: float64 on the CPU
         assert v.device.type == "cpu" and v.dtype == torch.float64 and v.shape == (3,)
     assert enc > dec > 0
+
+
+# ------------------------------------------------------------------------- levels from the given strides
+
+# UNetDecoder(SmallResNet().feature_channels, .feature_strides) recorded before the decoder learned single-stride
+# pyramids: checkpoints of CNN decoders must keep loading, so names, shapes and counts must not change.
+_SMALL_RESNET_DECODER = [
+    ("bottleneck.0.weight", (32, 256, 1, 1)), ("bottleneck.1.weight", (32,)), ("bottleneck.1.bias", (32,)),
+    ("blocks.0.0.weight", (16, 96, 3, 3)), ("blocks.0.1.weight", (16,)), ("blocks.0.1.bias", (16,)),
+    ("blocks.0.3.weight", (16, 16, 3, 3)), ("blocks.0.4.weight", (16,)), ("blocks.0.4.bias", (16,)),
+    ("blocks.1.0.weight", (32, 160, 3, 3)), ("blocks.1.1.weight", (32,)), ("blocks.1.1.bias", (32,)),
+    ("blocks.1.3.weight", (32, 32, 3, 3)), ("blocks.1.4.weight", (32,)), ("blocks.1.4.bias", (32,)),
+    ("head.weight", (1, 16, 1, 1)), ("head.bias", (1,)),
+]
+_RECORDED_COUNTS = {  # (channels, strides, out_channels, min_stride): (parameters, state-dict entries)
+    ((16, 32, 64, 128, 256), (1, 2, 4, 8, 16), 1, 4): (79889, 17),
+    ((16, 32, 64, 128, 256), (1, 2, 4, 8, 16), 1, 3): (79889, 17),
+    ((16, 32, 64, 128, 256), (1, 2, 4, 8, 16), 1, 1): (86281, 29),
+    ((64, 64, 128, 256, 512), (2, 4, 8, 16, 32), 1, 4): (180369, 23),
+    ((64, 64, 128, 256, 512), (2, 4, 8, 16, 32), 2, 4): (180386, 23),
+    ((64, 64, 128, 256, 512), (2, 4, 8, 16, 32), 2, 2): (194274, 29),
+}
+
+
+def test_cnn_decoders_are_unchanged():
+    enc = SmallResNet()
+    decoder = UNetDecoder(enc.feature_channels, enc.feature_strides)
+    assert [(k, tuple(v.shape)) for k, v in decoder.state_dict().items()] == _SMALL_RESNET_DECODER
+    for (channels, strides, out, min_stride), (n_params, n_entries) in _RECORDED_COUNTS.items():
+        decoder = UNetDecoder(channels, strides, out, min_stride=min_stride)
+        assert len(decoder.up) == 0
+        assert sum(p.numel() for p in decoder.parameters()) == n_params
+        assert len(decoder.state_dict()) == n_entries
+
+
+@pytest.mark.parametrize(("stride", "min_stride", "n_up"), [(8, 4, 1), (16, 4, 2), (16, 16, 0), (8, 3, 1), (14, 4, 1)])
+def test_decoder_of_a_single_stride_pyramid_upsamples_to_min_stride(stride, min_stride, n_up):
+    """A ViT's taps all have stride p: ×2 levels without skips take the head down to about ``min_stride``."""
+    torch.manual_seed(0)
+    decoder = UNetDecoder((64, 64, 64), (stride,) * 3, min_stride=min_stride)
+    assert decoder.first == 0 and len(decoder.blocks) == 2 and len(decoder.up) == n_up
+    maps = [torch.randn(2, 64, 4, 6) for _ in range(3)]
+    size = (4 * stride, 6 * stride)
+    own = (4 * 2**n_up, 6 * 2**n_up)  # the head's resolution, stride / 2^n_up
+    with torch.no_grad():
+        logits = decoder(maps, own)
+        assert logits.shape == (2, 1, *own)
+        expected = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        assert_close(decoder(maps, size), expected)
