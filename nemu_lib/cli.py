@@ -37,7 +37,6 @@ from .checkpoint import atomic_write
 from .config import PROFILES, get_profile, outputs_dir
 from .config import device as default_device
 from .data import normalize
-from .encoders import PRETRAINED
 from .evaluation import describe_worth
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -221,7 +220,7 @@ def _relax(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     launch.check_encoder_spec(args.encoder)
-    shapes = args.encoder not in PRETRAINED
+    shapes = args.encoder not in launch.PRETRAINED_SPECS
     profile = get_profile(args.profile) if shapes else None
     size = args.size or (profile.image_size if shapes else 224)
     paths = image_paths(args.inputs)

@@ -33,8 +33,10 @@ from .nem import NEMU, OBJECTIVES
 from .real_data import DatasetUnavailableError, load_real_dataset
 from .runs import profile_config
 from .train import CHECKPOINT, TrainConfig, rank_world, train
+from .vit import PRETRAINED_VITS, load_pretrained_vit
 
-ENCODER_SPECS = (*ssl.ENCODER_KINDS, *PRETRAINED)
+PRETRAINED_SPECS = (*PRETRAINED, *PRETRAINED_VITS)  # downloaded once: ResNets and ViTs
+ENCODER_SPECS = (*ssl.ENCODER_KINDS, *PRETRAINED_SPECS)
 REAL_DATASETS = ("imagenette", "stl10", "voc")
 DATASETS = ("shapes", *REAL_DATASETS)
 RUN_FILE = "run.json"
@@ -48,7 +50,7 @@ def check_encoder_spec(spec: str) -> str:
     """Return ``spec`` if it names an encoder (see :func:`resolve_encoder`), else raise ``ValueError``."""
     if spec not in ENCODER_SPECS:
         raise ValueError(f"unknown encoder {spec!r}: choose one of {', '.join(ENCODER_SPECS)} (the first three are "
-                         "the Shapes encoders of the profile, the others pretrained ResNets)")
+                         "the Shapes encoders of the profile, the others pretrained ResNets and ViTs)")
     return spec
 
 
@@ -65,13 +67,16 @@ def resolve_encoder(
     Specs: ``simclr``, ``supervised``, ``random``: the profile's Shapes small ResNet
     (:func:`nemu_lib.ssl.pretrained_encoder`, ``seed`` picks the file in ``outputs/encoders``); or a
     pretrained ResNet of :data:`nemu_lib.encoders.PRETRAINED` (``resnet18-supervised``,
-    ``resnet50-supervised``, ``resnet50-dino``, ``resnet50-swav``; downloaded once, ``profile`` and ``seed``
-    unused). With ``allow_training=False`` a Shapes encoder that is not on disk raises ``FileNotFoundError``
+    ``resnet50-supervised``, ``resnet50-dino``, ``resnet50-swav``) or ViT of :data:`nemu_lib.vit.PRETRAINED_VITS`
+    (``vit-s16-dino``, ``vit-b16-dino``, ``vit-b16-supervised``); downloaded once, ``profile`` and ``seed`` unused).
+    With ``allow_training=False`` a Shapes encoder that is not on disk raises ``FileNotFoundError``
     naming the ``nemu pretrain`` command, instead of being trained (explaining should not train encoders).
     """
     check_encoder_spec(spec)
     if spec in PRETRAINED:
         return load_pretrained(spec, progress=progress).to(default_device(device))
+    if spec in PRETRAINED_VITS:
+        return load_pretrained_vit(spec, progress=progress).to(default_device(device))
     p = get_profile(profile)
     if allow_training:
         return ssl.pretrained_encoder(spec, p, seed=seed, device=device, progress=progress)
@@ -84,8 +89,8 @@ def resolve_encoder(
 
 
 def default_image_size(spec: str, dataset: str, profile: str | Profile | None = None) -> int:
-    """224 px for a pretrained ResNet on a real data set, else the profile's image size."""
-    return 224 if spec in PRETRAINED and dataset != "shapes" else get_profile(profile).image_size
+    """224 px for a pretrained ResNet or ViT on a real data set, else the profile's image size."""
+    return 224 if spec in PRETRAINED_SPECS and dataset != "shapes" else get_profile(profile).image_size
 
 
 def _rank0_first(fn, group=None):

@@ -238,3 +238,13 @@ def test_evaluate_a_pretrained_resnet_is_a_clean_error(tmp_path, capsys, outputs
     line = _error(capsys, ["evaluate", "--encoder", "resnet50-dino", "--profile", "smoke"])
     assert "Shapes scenes' object masks" in line and "simclr, supervised, random" in line and "nemu relax" in line
     assert not (outputs / "evaluation" / "resnet50-dino-smoke-seed0.md").exists()
+
+
+def test_a_pretrained_vit_offline_is_one_line_naming_the_weights(photos, tmp_path, monkeypatch, capsys):
+    import nemu_lib.vit as vit_module
+
+    monkeypatch.setenv("NEMU_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(vit_module, "_online", lambda host: False)
+    line = _error(capsys, ["relax", str(photos), "--encoder", "vit-s16-dino", "--out", str(tmp_path / "out")])
+    assert "vit-s16-dino" in line and str(tmp_path / "data" / "weights") in line and "internet" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
