@@ -34,7 +34,9 @@ level (``decoder.blocks[i]``, fusing the skip of stride s_i) and the head; "othe
 leave out (interpolation, concatenation).
 
 Cases (the issue's): ``small``, ``SmallResNet(widths=(16, 32, 64, 128))`` at 64 px, B = 1 and 64;
-``resnet50``, torchvision's ResNet-50 (random weights) at 224 px, B = 1 and 16. RELAX dominates the run
+``resnet50``, torchvision's ResNet-50 (random weights) at 224 px, B = 1 and 16; ``vit-s16``, a ViT-S/16 of
+DINO's sizes (random weights; four taps of 384 channels at stride 16, the decoder adds two x2 levels) at
+224 px, B = 1 and 16. RELAX dominates the run
 time: on a 2-core CPU a ResNet-50 pass takes 0.2-0.5 s per masked image, so RELAX-3000 there is 10-25
 minutes per repeat; reduce N for that case (``--relax-masks resnet50=100`` or ``200``: about 6-11 minutes
 in all with ``--threads 1 --max-width 256,32,16`` on a 2-core CPU shared with other work).
@@ -72,14 +74,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from nemu_lib.encoders import Encoder, SmallResNet, build_encoder
 from nemu_lib.nem import NEMU
 from nemu_lib.relax import default_batch_size, relax
+from nemu_lib.vit import build_vit
 
 # name: (description, encoder factory, image size, batch sizes)
 CASES: dict[str, tuple[str, Callable[[], Encoder], int, tuple[int, ...]]] = {
     "small": ("SmallResNet(widths=(16, 32, 64, 128))", lambda: SmallResNet(widths=(16, 32, 64, 128)), 64, (1, 64)),
     "resnet50": ("torchvision ResNet-50, random weights", lambda: build_encoder("resnet50"), 224, (1, 16)),
+    "vit-s16": ("ViT-S/16 (torchvision VisionTransformer, DINO's sizes), random weights",
+                lambda: build_vit(image_size=224, patch_size=16, layers=12, hidden=384, heads=6, mlp=1536),
+                224, (1, 16)),
 }
-QUICK = {"batches": {"small": (1, 4), "resnet50": (1, 2)}, "relax_masks": 10, "relax_batch": 10, "repeats": 1,
-         "seconds": 0.05}
+QUICK = {"batches": {"small": (1, 4), "resnet50": (1, 2), "vit-s16": (1, 2)}, "relax_masks": 10, "relax_batch": 10,
+         "repeats": 1, "seconds": 0.05}
 RELAX_N = 3000  # the N that the goal is about
 GOAL_NEMU_OVER_ENCODER = 1.3
 GOAL_RELAX_OVER_NEMU = 1000.0
@@ -122,7 +128,11 @@ def _decoder_parts(model: NEMU, image_size: int) -> list[tuple[str, nn.Module, s
         parts.append((f"level {i}", decoder.blocks[i],
                       f"stride {strides[i]}, {image_size // strides[i]} px, "
                       f"{conv.in_channels} -> {conv.out_channels} ch"))
-    parts.append(("head", decoder.head, f"{image_size // strides[0]} px, {decoder.head.in_channels} -> 1 ch"))
+    for j, block in enumerate(decoder.up):  # x2 levels without skips after a single-stride pyramid (ViTs)
+        stride = strides[0] // 2 ** (j + 1)
+        parts.append((f"up {j}", block, f"stride {stride}, {image_size // stride} px, x2 without a skip"))
+    final = strides[0] // 2 ** len(decoder.up)
+    parts.append(("head", decoder.head, f"{image_size // final} px, {decoder.head.in_channels} -> 1 ch"))
     return parts
 
 
