@@ -80,6 +80,17 @@ class Encoder(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot run from an inner map: implement forward_from "
                                   "(the stages after map `index`, then the pooling to z)")
 
+    @staticmethod
+    def wrap(model: nn.Module, taps: Sequence[str] | None = None, **kwargs) -> Encoder:
+        """Any CNN mapping ``(B, C, H, W)`` to ``(B, D)`` as an encoder: :func:`nemu_lib.wrapped.wrap`.
+
+        >>> model = torchvision.models.mobilenet_v3_small(); model.classifier = nn.Identity()
+        >>> encoder = Encoder.wrap(model)            # taps: the last node of each resolution
+        """
+        from .wrapped import wrap  # here, not at the top: nemu_lib.wrapped imports this module
+
+        return wrap(model, taps, **kwargs)
+
 
 class BasicBlock(nn.Module):
     """Two conv3x3 + BatchNorm with a residual connection (He et al. 2016, Fig. 2)."""
