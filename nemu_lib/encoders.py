@@ -241,16 +241,24 @@ def _resnet_block(block: nn.Module, x: Tensor) -> Tensor:
     return torch.relu(out + shortcut)
 
 
-ENCODERS = {"small_resnet": SmallResNet, "resnet18": TorchvisionResNet, "resnet50": TorchvisionResNet}
+ENCODERS = ("small_resnet", "resnet18", "resnet50", "vit")
 
 
 def build_encoder(name: str, **kwargs) -> Encoder:
-    """Build an encoder by name (``small_resnet``, ``resnet18``, ``resnet50``) with random weights.
+    """Build an encoder by name (``small_resnet``, ``resnet18``, ``resnet50``, ``vit``) with random weights.
 
-    ``build_encoder(**encoder.config)`` rebuilds any encoder's architecture.
+    ``build_encoder(**encoder.config)`` rebuilds any encoder's architecture (a ViT's with
+    :func:`nemu_lib.vit.build_vit`). A wrapped model (:meth:`Encoder.wrap`) cannot be rebuilt from its config:
+    rebuild the model and wrap it again.
     """
+    if name == "wrapped":
+        raise ValueError("a wrapped model cannot be rebuilt from its config: build the model and call Encoder.wrap")
     if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}: choose one of {sorted(ENCODERS)}")
+        raise ValueError(f"unknown encoder {name!r}: choose one of {list(ENCODERS)}")
+    if name == "vit":
+        from .vit import build_vit  # here, not at the top: nemu_lib.vit imports this module
+
+        return build_vit(name, **kwargs)
     if name.startswith("resnet"):
         return TorchvisionResNet(name, **kwargs)
     return SmallResNet(**kwargs)

@@ -160,12 +160,15 @@ def test_build_encoder_unknown():
         build_encoder("vit_b16")
     for name in ENCODERS:
         assert name in str(info.value)
+    with pytest.raises(ValueError, match="Encoder.wrap"):
+        build_encoder(**Encoder.wrap(SmallResNet((4, 8, 8, 8)), probe_size=32).config)
 
 
 @pytest.mark.parametrize("name, kwargs", [
     ("small_resnet", {}),
     ("small_resnet", {"widths": (8, 16, 32, 64), "blocks": (1, 2, 1, 1), "stem_width": 5}),
     ("resnet18", {}),
+    ("vit", {"image_size": 32, "patch_size": 8, "layers": 2, "hidden": 32, "heads": 2, "mlp": 64, "pool": "mean"}),
 ])
 def test_build_from_config_rebuilds_architecture(name, kwargs):
     enc = build_encoder(name, **kwargs)
