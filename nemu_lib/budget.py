@@ -160,7 +160,8 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
     encoders (04: RELAX on every held-out scene, its convergence and the random encoder, integrated
     gradients, deletion curves, the decoders notebook 03 did not train), Network Dissection (05) and two
     explainer networks (06: the performer's forward pass and its last stage backward per step, then
-    explaining the training and test splits, the probes and one dissection).
+    explaining the training and test splits, the probes and one dissection), and a torchvision CNN and a small
+    ViT trained, explained by RELAX and given NEM-U decoders (07, at the small ResNet's cost per image).
     """
     from .config import get_profile
 
@@ -207,6 +208,8 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
                                           train=e["explainer_steps"] * e["explainer_batch_size"] / 8,
                                           calls=e["explainer_steps"])
                                       + probes / 3 + dissection / (6 * (1 + e["dissection_rotations"]))),
+        "07_your_own_encoder": 2 * (run(train=sup_steps * bs, calls=sup_steps) + decoder("nem")
+                                    + relax(e["relax_images"]) + probes / 3),  # counted at the small ResNet's cost
     }
     return {name: seconds + NOTEBOOK_OVERHEAD for name, seconds in steps.items()}
 

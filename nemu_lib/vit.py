@@ -18,6 +18,7 @@ Pretrained weights (:func:`load_pretrained_vit`): DINO's ViT-S/16 and ViT-B/16 (
 properties in self-supervised vision transformers", ICCV 2021; the authors' releases, timm-style keys mapped
 by :func:`timm_to_torchvision`) and torchvision's supervised ViT-B/16. They download once into
 ``data/weights``; offline, :class:`~nemu_lib.encoders.WeightsUnavailableError` says where to put the file.
+A timm ``VisionTransformer`` becomes one with :func:`vit_from_timm` (sizes read from it, weights mapped).
 
     enc = vit_tiny()                            # random, 64 px, patch 8: for tests and the Shapes scenes
     z, maps = enc.forward_features(x)           # (B, 64), 4 x (B, 64, H/8, W/8)
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer, ViT_B_16_Weights
 
-from .config import data_dir
+from .config import data_dir, module_device
 from .data import SHAPES_MEAN, SHAPES_STD
 from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, WeightsUnavailableError
 from .real_data import _online
@@ -258,6 +259,31 @@ def timm_to_torchvision(state: dict[str, Tensor]) -> dict[str, Tensor]:
     if unknown:
         raise ValueError(f"not a plain timm/DINO ViT state dict: unknown keys {unknown[:5]}; map them by hand")
     return out
+
+
+def vit_from_timm(model: nn.Module, blocks: Sequence[int] | None = None, pool: str = "cls",
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ViTEncoder:
+    """A timm ``VisionTransformer`` (plain: class token, no registers) as a :class:`ViTEncoder` of its weights.
+
+    Sizes are read from the model (patch size, width, depth, heads, MLP width, native image size), the weights
+    copied through :func:`timm_to_torchvision`; ``mean``/``std`` default to the model's ``pretrained_cfg``, else
+    ImageNet's. timm itself is needed only to build ``model``.
+    """
+    try:
+        proj, first = model.patch_embed.proj, model.blocks[0]
+        arch = {"image_size": int(model.patch_embed.img_size[0]), "patch_size": int(proj.kernel_size[0]),
+                "layers": len(model.blocks), "hidden": int(proj.out_channels), "heads": int(first.attn.num_heads),
+                "mlp": int(first.mlp.fc1.out_features)}
+    except AttributeError as err:
+        raise ValueError(f"not a timm VisionTransformer ({type(model).__name__}: {err}): build it with "
+                         "timm.create_model('vit_...') or wrap a CNN with Encoder.wrap") from None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = mean or cfg.get("mean", IMAGENET_MEAN)
+    std = std or cfg.get("std", IMAGENET_STD)
+    encoder = build_vit("vit", blocks=blocks, pool=pool, mean=tuple(mean), std=tuple(std), **arch)
+    encoder.to(module_device(model))
+    encoder.vit.load_state_dict(timm_to_torchvision(model.state_dict()))
+    return encoder.train(model.training)
 
 
 _S16 = {"patch_size": 16, "layers": 12, "hidden": 384, "heads": 6, "mlp": 1536}

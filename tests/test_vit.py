@@ -429,3 +429,26 @@ def test_vit_b16_supervised_file_loads_with_torchvisions_keys(monkeypatch, tmp_p
     for k, v in enc.vit.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert enc.config["hidden"] == 768 and enc.config["heads"] == 12 and enc.pool == "mean"
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_a_timm_vit_becomes_a_vit_encoder_with_the_same_representation(pool):
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from nemu_lib.vit import vit_from_timm
+
+    torch.manual_seed(0)
+    model = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, num_classes=0).eval()
+    encoder = vit_from_timm(model, pool=pool)
+    assert encoder.config["layers"] == 3 and encoder.config["hidden"] == 32 and encoder.feature_strides[0] == 8
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # (B, 1 + 16, 32), final-normed
+        z, maps = encoder.forward_features(x)
+    want = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)
+    torch.testing.assert_close(z, want, atol=1e-5, rtol=1e-5)
+    assert maps[-1].shape == (2, 32, 4, 4)
+    assert timm.__version__
+    with pytest.raises(ValueError, match="not a timm VisionTransformer"):
+        vit_from_timm(torch.nn.Linear(2, 2))
