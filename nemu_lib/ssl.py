@@ -136,6 +136,14 @@ def fit(
     return history
 
 
+def _check_unit_images(images: Tensor) -> None:
+    """Training augments images in [0, 1] and normalises them last: normalised inputs are a mistake to name."""
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"training images must be in [0, 1] (these span [{low:.2f}, {high:.2f}]): pass them before "
+                         "normalize(); the augmentation normalises with the encoder's mean and std")
+
+
 def train_simclr(
     encoder: Encoder,
     images: Tensor,
@@ -148,6 +156,7 @@ def train_simclr(
     callback: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """SimCLR-pretrain ``encoder`` in place on ``images (N, 3, H, W)`` in [0, 1]; return the loss per step."""
+    _check_unit_images(images)
     dev = next(encoder.parameters()).device
     seed_everything(seed)
     augment = SimCLRAugment(images.shape[-1], encoder.mean, encoder.std).to(dev)
@@ -177,7 +186,12 @@ def train_supervised(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train ``encoder`` in place with a linear classifier and cross-entropy (light crop/flip augmentation)."""
+    """Train ``encoder`` in place with a linear classifier and cross-entropy (light crop/flip augmentation).
+
+    ``images`` are in [0, 1], not normalised: the augmentation normalises its crops with ``encoder.mean`` and
+    ``encoder.std`` last.
+    """
+    _check_unit_images(images)
     dev = next(encoder.parameters()).device
     seed_everything(seed)
     augment = SimCLRAugment(images.shape[-1], encoder.mean, encoder.std, scale=(0.6, 1.0),

@@ -730,3 +730,12 @@ def test_simclr_encoder_trained_once(outputs, monkeypatch):
     assert _state_equal(again, enc) and again.history == enc.history
     with pytest.raises(AssertionError, match="retrained"):
         pretrained_encoder("simclr", "smoke", device="cpu", progress=False, retrain=True)
+
+
+def test_training_refuses_normalised_images(scenes):
+    images, labels = scenes
+    normalised = (images - 0.45) / 0.2
+    with pytest.raises(ValueError, match=r"\[0, 1\].*before normalize"):
+        train_supervised(_tiny_encoder(), normalised, labels, epochs=1, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 1\].*before normalize"):
+        train_simclr(_tiny_encoder(), normalised, epochs=1, batch_size=8, progress=False)
