@@ -237,6 +237,9 @@ MEASURED = {
         "smoke": "~15 s",
         "cpu": "~2 min on an idle 2-core CPU (two explainers ~1.2 min), ~1 min once outputs/explainers holds them "
                "(+ ~8 min if notebook 01's encoders must be trained first)"},
+    "07_your_own_encoder": {
+        "smoke": "~15 s",
+        "cpu": "~5 min on an idle 2-core CPU (training the CNN and the ViT ~3 min), ~2.5 min once they are saved"},
 }
 
 
