@@ -277,27 +277,25 @@ PRETRAINED = {
 }
 
 
-def load_pretrained(name: str, progress: bool = True) -> TorchvisionResNet:
-    """A pretrained ResNet by name (see :data:`PRETRAINED`), in eval mode.
+def download_weights(name: str, url: str, progress: bool = True, offline_hint: str = "") -> dict[str, Tensor]:
+    """The state dict at ``url``: from ``data_dir() / "weights"``, or downloaded there once.
 
-    Weights download once (``torch.hub.load_state_dict_from_url``, loaded with ``weights_only=True``) into
-    ``data_dir() / "weights"``; a file already there is used without network. Offline without the file,
-    raises :class:`WeightsUnavailableError` naming the file and folder.
+    Loaded with ``weights_only=True``; a ``state_dict`` entry is unwrapped and ``module.`` / ``backbone.``
+    prefixes are dropped. Offline without the file (or when the download fails) raises
+    :class:`WeightsUnavailableError` naming the file, the URL, the folder and ``offline_hint`` (what to use
+    instead).
     """
-    if name not in PRETRAINED:
-        raise ValueError(f"unknown pretrained encoder {name!r}: choose one of {sorted(PRETRAINED)}")
-    arch, url = PRETRAINED[name]
     folder = data_dir() / "weights"
     host = urllib.parse.urlparse(url).hostname
+    file = Path(urllib.parse.urlparse(url).path).name
 
     def unavailable(reason: str) -> WeightsUnavailableError:
         return WeightsUnavailableError(
-            f"{name} weights are not in {folder} and {reason}. They need internet once; or download {url} "
-            f"elsewhere and place it in {folder}. Offline, use the Shapes encoders trained in notebook 01 "
-            "(nemu_lib.ssl.pretrained_encoder)."
+            f"{name} weights ({file}) are not in {folder} and {reason}. They need internet once; or download {url} "
+            f"elsewhere and place it in {folder}.{' ' + offline_hint if offline_hint else ''}"
         )
 
-    if not (folder / Path(urllib.parse.urlparse(url).path).name).exists() and not _online(host):
+    if not (folder / file).exists() and not _online(host):
         raise unavailable(f"{host} cannot be reached (offline?)")
     try:
         state = torch.hub.load_state_dict_from_url(url, model_dir=str(folder), map_location="cpu",
@@ -305,6 +303,20 @@ def load_pretrained(name: str, progress: bool = True) -> TorchvisionResNet:
     except (urllib.error.URLError, OSError, ConnectionError) as err:
         raise unavailable(f"could not be downloaded ({err})") from err
     state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+def load_pretrained(name: str, progress: bool = True) -> TorchvisionResNet:
+    """A pretrained ResNet by name (see :data:`PRETRAINED`), in eval mode.
+
+    Weights download once (:func:`download_weights`: ``torch.hub.load_state_dict_from_url``, loaded with
+    ``weights_only=True``) into ``data_dir() / "weights"``; a file already there is used without network.
+    Offline without the file, raises :class:`WeightsUnavailableError` naming the file and folder.
+    """
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained encoder {name!r}: choose one of {sorted(PRETRAINED)}")
+    arch, url = PRETRAINED[name]
+    state = download_weights(name, url, progress, "Offline, use the Shapes encoders trained in notebook 01 "
+                                                  "(nemu_lib.ssl.pretrained_encoder).")
     state = {k: v for k, v in state.items() if not k.startswith(("projection_head.", "prototypes."))}
     return TorchvisionResNet(arch, state_dict=state).eval()

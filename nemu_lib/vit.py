@@ -28,20 +28,16 @@ from __future__ import annotations
 
 import math
 import re
-import urllib.error
-import urllib.parse
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer, ViT_B_16_Weights
 
-from .config import data_dir, module_device
+from .config import module_device
 from .data import SHAPES_MEAN, SHAPES_STD
-from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, WeightsUnavailableError
-from .real_data import _online
+from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, download_weights
 
 POOLS = ("cls", "mean")
 
@@ -297,30 +293,6 @@ PRETRAINED_VITS = {
 }
 
 
-def _download(name: str, url: str, progress: bool) -> dict[str, Tensor]:
-    """The state dict at ``url``, from ``data_dir() / "weights"`` or downloaded there once (as the ResNets')."""
-    folder = data_dir() / "weights"
-    host = urllib.parse.urlparse(url).hostname
-    file = Path(urllib.parse.urlparse(url).path).name
-
-    def unavailable(reason: str) -> WeightsUnavailableError:
-        return WeightsUnavailableError(
-            f"{name} weights ({file}) are not in {folder} and {reason}. They need internet once; or download {url} "
-            f"elsewhere and place it in {folder}. Offline, use vit_tiny() (random weights) or the Shapes encoders "
-            "trained in notebook 01 (nemu_lib.ssl.pretrained_encoder)."
-        )
-
-    if not (folder / file).exists() and not _online(host):
-        raise unavailable(f"{host} cannot be reached (offline?)")
-    try:
-        state = torch.hub.load_state_dict_from_url(url, model_dir=str(folder), map_location="cpu",
-                                                   progress=progress, weights_only=True)
-    except (urllib.error.URLError, OSError, ConnectionError) as err:
-        raise unavailable(f"could not be downloaded ({err})") from err
-    state = state.get("state_dict", state)
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-
-
 def load_pretrained_vit(
     name: str, blocks: Sequence[int] | None = None, pool: str = "cls", progress: bool = True
 ) -> ViTEncoder:
@@ -334,7 +306,8 @@ def load_pretrained_vit(
     if name not in PRETRAINED_VITS:
         raise ValueError(f"unknown pretrained ViT {name!r}: choose one of {sorted(PRETRAINED_VITS)}")
     arch, layout, url = PRETRAINED_VITS[name]
-    state = _download(name, url, progress)
+    state = download_weights(name, url, progress, "Offline, use vit_tiny() (random weights) or the Shapes encoders "
+                                                  "trained in notebook 01 (nemu_lib.ssl.pretrained_encoder).")
     encoder = build_vit("vit", 224, blocks=blocks, pool=pool, **arch)
     if layout == "timm":
         state = timm_to_torchvision(state)

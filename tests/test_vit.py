@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 from torchvision.models.vision_transformer import VisionTransformer
 
-from nemu_lib import vit as vit_module
+import nemu_lib.encoders
 from nemu_lib.data import concept_masks, load_split, normalize
 from nemu_lib.dissection import dissect, layer_names
 from nemu_lib.encoders import WeightsUnavailableError
@@ -360,7 +360,7 @@ def test_timm_keys_outside_a_plain_vit_are_a_clear_error():
 
 def test_load_pretrained_vit_offline_names_the_file_url_and_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("NEMU_DATA", str(tmp_path))
-    monkeypatch.setattr(vit_module, "_online", lambda host: False)
+    monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: False)
     calls = []
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: calls.append(a))
     for name in PRETRAINED_VITS:
@@ -374,7 +374,7 @@ def test_load_pretrained_vit_offline_names_the_file_url_and_folder(monkeypatch, 
 
 def test_load_pretrained_vit_failed_download_keeps_the_cause(monkeypatch, tmp_path):
     monkeypatch.setenv("NEMU_DATA", str(tmp_path))
-    monkeypatch.setattr(vit_module, "_online", lambda host: True)
+    monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: True)
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no route to host")
@@ -393,7 +393,7 @@ def test_load_pretrained_vit_unknown_name():
 def test_load_pretrained_vit_maps_a_dino_file_already_on_disk(monkeypatch, tmp_path):
     """A DINO-style ViT-S/16 file in the weights folder loads without network, onto torchvision's names."""
     monkeypatch.setenv("NEMU_DATA", str(tmp_path))
-    monkeypatch.setattr(vit_module, "_online", lambda host: pytest.fail("the network was asked"))
+    monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: pytest.fail("the network was asked"))
     seen = []
 
     def load(url, model_dir=None, map_location=None, progress=True, weights_only=False, **kwargs):
@@ -420,7 +420,7 @@ def test_load_pretrained_vit_maps_a_dino_file_already_on_disk(monkeypatch, tmp_p
 
 def test_vit_b16_supervised_file_loads_with_torchvisions_keys(monkeypatch, tmp_path):
     monkeypatch.setenv("NEMU_DATA", str(tmp_path))
-    monkeypatch.setattr(vit_module, "_online", lambda host: True)
+    monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: True)
     torch.manual_seed(7)
     reference = VisionTransformer(224, 16, 12, 12, 768, 3072)
     state = reference.state_dict()
