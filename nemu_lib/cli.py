@@ -8,18 +8,22 @@
     nemu relax photo.png folder/ --encoder resnet50-dino --out relax/                  # RELAX maps, N = 3,000
     nemu relax folder/ --encoder simclr --profile cpu --reference cat.png --n-masks 1000 --out why-like-cat/
     nemu evaluate --encoder simclr --profile cpu     # notebook 04's table: outputs/evaluation/simclr-cpu-seed0.md
+    nemu evaluate --encoder resnet50-dino photos/ --out eval/   # no ground truth: RELAX, U-RELAX, gradients and
+                                                   # a random map on your images -> eval/evaluation.md and .json
 
 ``nemu train`` takes the arguments of ``python -m nemu_lib.train`` (``torchrun`` for several GPUs). Expected
 failures (a missing file, an unreadable image, a checkpoint of another encoder, a data set that needs
 internet) end with one line ``nemu: error: ...`` and exit status 2; ``NEMU_DEBUG=1`` shows the traceback.
-``nemu relax`` is the exception for images it cannot read: it names each on stderr, explains the others and
-exits with status 1. Explaining never trains an encoder (``nemu pretrain`` does); ``nemu evaluate`` trains
-what the evaluation needs and is missing, as notebook 04 does.
+``nemu relax`` and ``nemu evaluate IMAGES`` are the exception for images they cannot read: they name each on
+stderr, go on with the others and exit with status 1. Explaining never trains an encoder (``nemu pretrain``
+does); ``nemu evaluate`` trains what the evaluation needs and is missing, as notebook 04 does (with IMAGES: a
+Shapes encoder only; no NEM-U decoder is trained or scored there).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import launch, relax, ssl, train
+from . import evaluation, launch, metrics, relax, ssl, train
 from .checkpoint import atomic_write
 from .config import PROFILES, get_profile, outputs_dir
 from .config import device as default_device
@@ -305,14 +309,30 @@ def evaluation_files(spec: str, profile: str, seed: int) -> tuple[Path, Path]:
     return base.with_suffix(".md"), base.with_suffix(".json")
 
 
+IMAGE_OPTIONS = {"n_masks": "--n-masks", "size": "--size", "deletion_steps": "--deletion-steps", "out": "--out"}
+# with IMAGES: the methods that need no trained decoder, in notebook 04's order, and the library's defaults
+IMAGE_METHODS = tuple(m for m in evaluation.METHODS if m not in evaluation.DECODER_METHODS)
+DELETION_STEPS = inspect.signature(metrics.deletion_insertion).parameters["steps"].default  # 16
+DELETION_BATCH = inspect.signature(metrics.deletion_insertion).parameters["batch_size"].default
+IG_STEPS = inspect.signature(evaluation.explain_all).parameters["ig_steps"].default  # for pretrained encoders (32)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from . import report, runs
 
     launch.check_encoder_spec(args.encoder)
+    if args.inputs:
+        return _evaluate_images(args)
+    given = [flag for name, flag in IMAGE_OPTIONS.items() if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to image files: pass IMAGES (files or folders) to evaluate them, "
+                         f"or drop {'them' if len(given) > 1 else 'it'} for the Shapes evaluation")
     if args.encoder not in ssl.ENCODER_KINDS:
         raise ValueError(f"nemu evaluate scores maps against the Shapes scenes' object masks and needs NEM-U "
                          f"decoders trained on the encoder, so it evaluates the Shapes encoders only: "
-                         f"{', '.join(ssl.ENCODER_KINDS)}. For {args.encoder}, explain images with "
+                         f"{', '.join(ssl.ENCODER_KINDS)}. For {args.encoder}, pass image files or folders "
+                         f"(`nemu evaluate --encoder {args.encoder} IMAGES`) to score RELAX and the gradient "
+                         f"baselines on them without ground truth, or explain images with "
                          f"`nemu relax IMAGES --encoder {args.encoder} --out DIR`")
     p = get_profile(args.profile)
     kind, seed = args.encoder, args.seed
@@ -337,6 +357,93 @@ def _evaluate(args: argparse.Namespace) -> None:
     _write_json(json_path, record)
     print(text)
     print(f"written: {md_path}, {json_path}")
+
+
+def _evaluate_images(args: argparse.Namespace) -> None:
+    """``nemu evaluate --encoder SPEC IMAGES``: notebook 04's encoder-only methods on image files, scored on
+    the metrics that need no object masks; exit status 1 (``SystemExit``) when some could not be read."""
+    for name in ("n_masks", "size", "deletion_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.recompute:
+        raise ValueError("--recompute applies to the Shapes evaluation (its saved maps): image files are always "
+                         "explained afresh, drop it")
+    spec, seed = args.encoder, args.seed
+    shapes = spec not in launch.PRETRAINED_SPECS
+    profile = get_profile(args.profile) if shapes else None
+    size = args.size or (profile.image_size if shapes else 224)
+    n_masks = args.n_masks or 3000
+    steps = args.deletion_steps or DELETION_STEPS
+    ig_steps = profile.extra["ig_steps"] if shapes else IG_STEPS
+    paths = image_paths(args.inputs)
+    out = Path(args.out) if args.out else outputs_dir() / "evaluation" / f"{spec}-images"
+    dev = default_device(args.device)
+    progress = not args.no_progress
+    if shapes and not ssl.encoder_path(spec, profile, seed).is_file():  # evaluating trains what is missing
+        print(f"not in {outputs_dir()}, trained first: {spec} encoder")
+    encoder = launch.resolve_encoder(spec, profile, seed, dev, progress=progress)
+
+    record: dict = {"encoder": spec, "encoder_seed": seed if shapes else None,
+                    "profile": profile.name if shapes else None, "size": size, "n_masks": n_masks,
+                    "ig_steps": ig_steps, "deletion_steps": steps, "seed": seed, "device": str(dev),
+                    "mean": list(encoder.mean), "std": list(encoder.std), "methods": list(IMAGE_METHODS),
+                    "metrics": list(evaluation.MASK_FREE_METRICS), "table": [], "images": [], "failed": []}
+    images, read = [], []
+    for path in tqdm(paths, desc="reading", unit="image", disable=not progress):
+        try:
+            images.append(read_image(path, size))
+            read.append(path)
+        except ValueError as err:  # unreadable: said on one line, skipped
+            reason = " ".join(str(err).split())
+            tqdm.write(f"nemu: skipped: {reason}", file=sys.stderr)
+            record["failed"].append({"file": str(path), "reason": reason})
+    out.mkdir(parents=True, exist_ok=True)
+    heading = (f"**{spec} encoder**" + (f", profile {profile.name}, seed {seed}" if shapes else "")
+               + f": {len(read)} image(s) at {size} px, RELAX N = {n_masks}, deletion/insertion {steps} steps, "
+               f"IG {ig_steps} steps; no object masks, so no locality metrics")
+    if read:
+        x = normalize(torch.stack(images), encoder.mean, encoder.std).to(dev)  # (N, 3, S, S)
+        maps, seconds = evaluation.explain_all(encoder, {}, x, n_masks=n_masks, ig_steps=ig_steps, seed=seed,
+                                               methods=IMAGE_METHODS, progress=progress)
+        scores = evaluation.score_maps_without_masks(encoder, x, maps, reference=maps["RELAX"], steps=steps,
+                                                     batch_size=DELETION_BATCH, progress=progress)
+        for key in ("fidelity_pearson", "fidelity_spearman"):
+            scores["RELAX"].pop(key)  # RELAX against itself: 1 by construction
+        rows = evaluation.summarize(scores, seconds)
+        record["table"] = _finite(rows)
+        names = output_names(read)
+        record["images"] = [{"file": str(path), "name": names[i],
+                             "values": {m: _finite({k: v[i].item() for k, v in s.items()}) for m, s in scores.items()}}
+                            for i, path in enumerate(read)]
+        table = evaluation.to_markdown(rows, keys=evaluation.MASK_FREE_METRICS)
+        notes = ("- fidelity: Pearson and Spearman correlation with RELAX's map of the same image (RELAX's own "
+                 "row has none)\n- complexity and sparseness of the min-max normalised maps; deletion and insertion "
+                 "AUC of the cosine similarity of representations as pixels are removed or kept, most important "
+                 "first\n- mean ± standard error over the images; s / image: wall clock on "
+                 f"{dev} (U-RELAX shares RELAX's run)\n")
+    else:
+        table, notes = "no image could be read: nothing to evaluate\n", ""
+    failed = record["failed"]
+    text = (f"{heading}\n\n{table}\n{notes}"
+            + (f"- could not be read: {', '.join(f['file'] for f in failed)}\n" if failed else ""))
+    md_path, json_path = out / "evaluation.md", out / "evaluation.json"
+    atomic_write(md_path, lambda f: f.write(text.encode()))
+    _write_json(json_path, record)
+    print(text)
+    print(f"written: {md_path}, {json_path}" + (f"; {len(failed)} of {len(paths)} image(s) could not be read "
+                                                "(listed in evaluation.json)" if failed else ""))
+    if failed:
+        raise SystemExit(1)
+
+
+def _finite(value: object) -> object:
+    """``value`` with NaN and infinities as ``None`` (null in JSON), through dicts and lists."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _brief(value: object) -> str:
@@ -411,17 +518,34 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--no-progress", action="store_true", help="no progress bars")
     rx.set_defaults(func=_relax)
 
-    ev = sub.add_parser("evaluate", help="notebook 04's table for one Shapes encoder",
-                        description="Evaluate every explanation method on a Shapes encoder's held-out scenes "
-                                    "(notebook 04): writes outputs/evaluation/<encoder>-<profile>-seed<N>.md and "
-                                    ".json and prints the table. Trains the encoder and its NEM-U decoders if "
-                                    "they are missing.")
-    ev.add_argument("--encoder", required=True, metavar="SPEC", help=f"one of {', '.join(ssl.ENCODER_KINDS)}")
+    ev = sub.add_parser("evaluate", help="notebook 04's table for a Shapes encoder, or for any encoder on images",
+                        description="Without IMAGES: evaluate every explanation method on a Shapes encoder's "
+                                    "held-out scenes (notebook 04): writes outputs/evaluation/<encoder>-<profile>-"
+                                    "seed<N>.md and .json and prints the table. Trains the encoder and its NEM-U "
+                                    "decoders if they are missing. With IMAGES (any encoder spec): explain the "
+                                    "image files with RELAX, U-RELAX, the label-free gradient and integrated "
+                                    "gradients and a random map, score them on the metrics that need no object "
+                                    "masks (complexity, sparseness, deletion and insertion AUC, fidelity to RELAX, "
+                                    "seconds per image) and write OUT/evaluation.md and OUT/evaluation.json. "
+                                    "Unreadable images are named on stderr and skipped; the exit status is then 1.")
+    ev.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER",
+                    help="png / jpg files or folders of them to evaluate on (default: the Shapes test scenes)")
+    ev.add_argument("--encoder", required=True, metavar="SPEC",
+                    help=f"one of {', '.join(ssl.ENCODER_KINDS)}; with IMAGES also "
+                         f"{', '.join(launch.PRETRAINED_SPECS)}")
     ev.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: NEMU_PROFILE or hardware")
-    ev.add_argument("--seed", type=int, default=0, help="the encoder's seed, and the evaluation's")
+    ev.add_argument("--seed", type=int, default=0, help="the encoder's seed, and the evaluation's (RELAX's masks)")
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     ev.add_argument("--recompute", action="store_true",
                     help="compute RELAX and the other encoder-only maps again instead of reusing the saved ones")
+    ev.add_argument("--out", default=None,
+                    help="with IMAGES: folder for evaluation.md and .json (default: outputs/evaluation/<spec>-images)")
+    ev.add_argument("--n-masks", type=int, default=None, help="with IMAGES: RELAX's N (default: 3000)")
+    ev.add_argument("--deletion-steps", type=int, default=None,
+                    help=f"with IMAGES: steps of the deletion and insertion curves (default: {DELETION_STEPS})")
+    ev.add_argument("--size", "--image-size", dest="size", type=int, default=None,
+                    help="with IMAGES: px the images are resized to (default: the profile's for a Shapes encoder, "
+                         "224 for a pretrained one)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_evaluate)
     return parser

@@ -241,10 +241,128 @@ def test_evaluate_a_pretrained_resnet_is_a_clean_error(tmp_path, capsys, outputs
 
 
 def test_a_pretrained_vit_offline_is_one_line_naming_the_weights(photos, tmp_path, monkeypatch, capsys):
-    import nemu_lib.vit as vit_module
+    import nemu_lib.encoders
 
     monkeypatch.setenv("NEMU_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(vit_module, "_online", lambda host: False)
+    monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: False)
     line = _error(capsys, ["relax", str(photos), "--encoder", "vit-s16-dino", "--out", str(tmp_path / "out")])
     assert "vit-s16-dino" in line and str(tmp_path / "data" / "weights") in line and "internet" in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------------------------------ evaluate on images
+
+STEPS = 4  # deletion / insertion steps: cheap at 32 px
+
+
+@pytest.fixture(scope="module")
+def evaluated(encoder, photos, outputs, tmp_path_factory):
+    """``nemu evaluate FOLDER --encoder random --profile smoke --n-masks 50 --deletion-steps 4``: (out, exit
+    status, stdout, stderr)."""
+    out = tmp_path_factory.mktemp("evaluate")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.setenv("NEMU_OUTPUTS", str(outputs))
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["evaluate", str(photos), "--encoder", "random", "--profile", "smoke", "--n-masks", str(N),
+                      "--deletion-steps", str(STEPS), "--out", str(out), "--device", "cpu", "--no-progress"])
+    return out, exc.value.code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_evaluate_images_writes_the_table_and_the_record(evaluated, photos):
+    out, code, stdout, _ = evaluated
+    assert code == 1  # broken.png
+    text = (out / "evaluation.md").read_text()
+    assert text in stdout and f"written: {out / 'evaluation.md'}, {out / 'evaluation.json'}" in stdout
+    assert text.startswith("**random encoder**, profile smoke, seed 0: 3 image(s) at 32 px, RELAX N = 50")
+    methods = ("RELAX", "U-RELAX", "label-free gradient", "label-free IG", "random")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(methods)
+    for label in ("complexity (entropy)", "sparseness (Gini)", "deletion AUC", "insertion AUC",
+                  "fidelity to RELAX (Pearson)", "fidelity to RELAX (Spearman)", "s / image"):
+        assert label in text
+    assert "Relevance Mass" not in text and "Pointing Game" not in text  # no object masks, no locality
+    assert " ± " in rows[0]
+
+    record = json.loads((out / "evaluation.json").read_text())  # strict JSON: no NaN
+    assert {k: record[k] for k in ("encoder", "encoder_seed", "profile", "size", "n_masks", "deletion_steps",
+                                   "seed", "methods")} == {
+        "encoder": "random", "encoder_seed": 0, "profile": "smoke", "size": 32, "n_masks": N, "deletion_steps": STEPS,
+        "seed": 0, "methods": list(methods)}
+    table = {row["method"]: row for row in record["table"]}
+    assert list(table) == list(methods)
+    assert "fidelity_pearson" not in table["RELAX"] and -1 <= table["label-free IG"]["fidelity_pearson"] <= 1
+    assert all(row["seconds_per_image"] > 0 and row["complexity_n"] == 3 for row in table.values())
+    assert [image["name"] for image in record["images"]] == list(NAMES)
+    for image in record["images"]:
+        assert set(image["values"]) == set(methods)
+        assert set(image["values"]["random"]) == set(ev.MASK_FREE_METRICS)
+    for key in ("complexity", "deletion_auc"):  # the table's means are the per-image values' means
+        values = [image["values"]["label-free gradient"][key] for image in record["images"]]
+        assert table["label-free gradient"][key] == pytest.approx(np.mean(values))
+    assert [f["file"] for f in record["failed"]] == [str(photos / "broken.png")]
+
+
+def test_evaluate_images_scores_equal_the_library_calls(evaluated, encoder, photos):
+    """RELAX's row per image: complexity of the min-max normalised map, deletion AUC, from RELAX run directly."""
+    from nemu_lib import metrics
+
+    record = json.loads((evaluated[0] / "evaluation.json").read_text())
+    for image, file in zip(record["images"], PHOTOS, strict=True):
+        x = normalize(cli.read_image(photos / file, 32)[None], encoder.mean, encoder.std)
+        a = relax(encoder, x, n_masks=N, seed=0).importance.float()  # (1, 32, 32)
+        lo, hi = a.amin(dim=(1, 2), keepdim=True), a.amax(dim=(1, 2), keepdim=True)
+        values = image["values"]["RELAX"]
+        # float32 forward passes of 3 images and of 1 differ in the last bits (~1e-7 in the map); min-max
+        # normalising a map that spans ~3e-2 (0.94 to 0.97) magnifies that to ~2e-7 of the complexity
+        assert_close(torch.tensor(values["complexity"], dtype=torch.float64),
+                     metrics.complexity((a - lo) / (hi - lo))[0], rtol=1e-5, atol=0)
+        curves = metrics.deletion_insertion(encoder, x, a, steps=STEPS)
+        assert_close(torch.tensor(values["deletion_auc"], dtype=torch.float64), curves.deletion_auc[0], rtol=1e-5,
+                     atol=0)
+
+
+def test_evaluate_images_names_the_corrupt_file_once(evaluated):
+    out, code, stdout, stderr = evaluated
+    assert code == 1 and "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if "broken.png" in line]
+    assert len(lines) == 1 and "cannot read image" in lines[0]
+    assert "1 of 4 image(s) could not be read" in stdout
+    assert "could not be read: " in (out / "evaluation.md").read_text()
+
+
+def test_evaluate_a_pretrained_spec_without_images_points_to_them(capsys, outputs):
+    line = _error(capsys, ["evaluate", "--encoder", "vit-s16-dino"])
+    assert "pass image files" in line and "nemu evaluate --encoder vit-s16-dino IMAGES" in line
+    assert "without ground truth" in line
+
+
+def test_evaluate_images_on_a_pretrained_spec_reads_224_px(photos, tmp_path, monkeypatch):
+    """A pretrained ResNet (a stand-in, offline) evaluated on one photo at 224 px, the default out folder."""
+    tiny = build_encoder("small_resnet", widths=(8, 16, 32, 64))
+    monkeypatch.setattr(launch, "load_pretrained", lambda spec, progress=True: tiny)
+    monkeypatch.setenv("NEMU_OUTPUTS", str(tmp_path))
+    cli.main(["evaluate", str(photos / "coffee.jpg"), "--encoder", "resnet18-supervised", "--n-masks", "10",
+              "--deletion-steps", "2", "--device", "cpu", "--no-progress"])  # every file read: no SystemExit
+    out = tmp_path / "evaluation" / "resnet18-supervised-images"
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["size"] == 224 and record["profile"] is None and record["encoder_seed"] is None
+    assert record["failed"] == [] and (out / "evaluation.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--n-masks", "10"], "--n-masks apply to image files"),
+        (["--out", "x", "--size", "40"], "--size, --out apply to image files"),
+        (["PHOTO", "--n-masks", "0"], "--n-masks must be >= 1"),
+        (["PHOTO", "--recompute"], "--recompute applies to the Shapes evaluation"),
+        (["MISSING"], "does not exist"),
+    ],
+)
+def test_evaluate_images_usage_errors(argv, expected, encoder, photos, tmp_path, capsys, outputs):
+    argv = [str(photos / "chelsea.png") if a == "PHOTO" else str(tmp_path / "nope.png") if a == "MISSING" else a
+            for a in argv]
+    line = _error(capsys, ["evaluate", "--encoder", "random", "--profile", "smoke", *argv])
+    assert expected in line
+    assert not (outputs / "evaluation" / "random-images").exists()
