@@ -32,3 +32,17 @@ def stray_tensor_guard() -> Iterator[None]:
     with torch.device("meta"):
         yield
 
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run ``nemu argv``, expect a clean failure (exit status 2, one line, no traceback); return the line."""
+    from nemu_lib import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("nemu: error: ")
+    return line

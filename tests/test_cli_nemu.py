@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error
 from PIL import Image
 
 from nemu_lib import cli, launch, train
@@ -56,18 +57,6 @@ def images(tmp_path_factory):
     (root / "folder" / "notes.txt").write_text("not an image: skipped in folders")
     Image.fromarray(arrays[2][:40]).save(root / "scene0.jpg", quality=95)  # 40 x 48 px
     return root
-
-
-def _error(capsys, argv) -> str:
-    """Run the command, expect a clean failure (exit status 2, one line, no traceback); return the line."""
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("nemu: error: ")
-    return line
 
 
 def _history(path) -> dict:
@@ -140,10 +129,10 @@ def test_resume_continues_the_run(tmp_path, capsys):
     assert history["step"] == [1, 2, 3, 4] and len(history["loss"]) == 4
     assert history["val_step"] == [4]
     # starting over needs --overwrite; resuming needs the same settings and a checkpoint
-    assert "--resume to continue it, --overwrite to start over" in _error(capsys, args)
-    line = _error(capsys, [*args, "--resume", "--lr", "0.003"])
+    assert "--resume to continue it, --overwrite to start over" in cli_error(capsys, args)
+    line = cli_error(capsys, [*args, "--resume", "--lr", "0.003"])
     assert "run.json" in line and "train" in line
-    assert "no checkpoint" in _error(capsys, [*args[:-len(FAST) - 2], "--out", str(tmp_path / "empty"), *FAST,
+    assert "no checkpoint" in cli_error(capsys, [*args[:-len(FAST) - 2], "--out", str(tmp_path / "empty"), *FAST,
                                               "--resume"])
     cli.main([*args, "--overwrite", "--steps", "1"])
     assert _history(run)["step"] == [1]
@@ -153,11 +142,11 @@ def test_explain_with_another_encoder_is_a_clean_error(run_dir, images, tmp_path
     png = str(images / "folder" / "scene0.png")
     cli.main(["pretrain", "--kind", "random", "--profile", "smoke", "--seed", "1", "--device", "cpu"])
     capsys.readouterr()
-    line = _error(capsys, ["explain", "--run", str(run_dir), "--encoder", "random", "--encoder-seed", "1", png,
+    line = cli_error(capsys, ["explain", "--run", str(run_dir), "--encoder", "random", "--encoder-seed", "1", png,
                            "--out", str(tmp_path / "ex")])
     assert "encoder_fingerprint" in line and "another model" in line
     # explaining never trains an encoder: a missing one names the command that makes it
-    line = _error(capsys, ["explain", "--run", str(run_dir), "--encoder", "supervised", png,
+    line = cli_error(capsys, ["explain", "--run", str(run_dir), "--encoder", "supervised", png,
                            "--out", str(tmp_path / "ex")])
     assert "nemu pretrain --kind supervised --profile smoke" in line
     assert not (outputs / "encoders" / "supervised-smoke-seed0.pt").exists()
@@ -204,7 +193,7 @@ def test_explain_errors(case, expected, run_dir, images, tmp_path, capsys):
         argv = ["--checkpoint", str(tmp_path / "decoder.pt"), png]
     else:
         argv = [*run, "--encoder", "byol", png]
-    line = _error(capsys, ["explain", *argv, "--out", str(tmp_path / "out")])
+    line = cli_error(capsys, ["explain", *argv, "--out", str(tmp_path / "out")])
     assert expected in line
     assert not (tmp_path / "out").exists()  # nothing written before the inputs check out
 
@@ -219,7 +208,7 @@ def test_explain_errors(case, expected, run_dir, images, tmp_path, capsys):
     ],
 )
 def test_train_errors(argv, expected, tmp_path, capsys):
-    line = _error(capsys, ["train", "--profile", "smoke", "--device", "cpu", "--no-progress", *argv,
+    line = cli_error(capsys, ["train", "--profile", "smoke", "--device", "cpu", "--no-progress", *argv,
                            "--out", str(tmp_path / "run")])
     assert expected in line
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -241,9 +230,9 @@ def test_offline_real_data_and_weights_are_clean_errors(tmp_path, capsys, monkey
     monkeypatch.setattr(launch, "load_real_dataset", no_data)
     monkeypatch.setattr(launch, "load_pretrained", no_weights)
     base = ["train", "--profile", "smoke", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")]
-    line = _error(capsys, [*base, "--encoder", "random", "--dataset", "imagenette"])
+    line = cli_error(capsys, [*base, "--encoder", "random", "--dataset", "imagenette"])
     assert "imagenette (train) is not in" in line and "offline. Place it" in line  # one line
-    line = _error(capsys, [*base, "--encoder", "resnet50-dino", "--dataset", "imagenette"])
+    line = cli_error(capsys, [*base, "--encoder", "resnet50-dino", "--dataset", "imagenette"])
     assert "resnet50-dino weights are not in" in line
     assert not (tmp_path / "run" / "run.json").exists()
 

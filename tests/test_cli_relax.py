@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from conftest import cli_error
 from PIL import Image
 from torch.testing import assert_close
 
@@ -69,18 +70,6 @@ def relaxed(encoder, photos, outputs, tmp_path_factory):
             cli.main(["relax", str(photos), "--encoder", "random", "--profile", "smoke", "--n-masks", str(N),
                       "--out", str(out), "--device", "cpu"])
     return out, exc.value.code, stdout.getvalue(), stderr.getvalue()
-
-
-def _error(capsys, argv) -> str:
-    """Run the command, expect a clean failure (exit status 2, one line, no traceback); return the line."""
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("nemu: error: ")
-    return line
 
 
 def _direct(encoder, path, size=32, **kwargs):
@@ -175,7 +164,7 @@ def test_pretrained_specs_default_to_224_px(photos, tmp_path, monkeypatch):
 
 
 def test_a_missing_shapes_encoder_is_not_trained(photos, tmp_path, outputs, capsys):
-    line = _error(capsys, ["relax", str(photos), "--encoder", "supervised", "--profile", "smoke",
+    line = cli_error(capsys, ["relax", str(photos), "--encoder", "supervised", "--profile", "smoke",
                            "--out", str(tmp_path / "out")])
     assert "nemu pretrain --kind supervised --profile smoke" in line
     assert not (outputs / "encoders" / "supervised-smoke-seed0.pt").exists()
@@ -205,7 +194,7 @@ def test_relax_usage_errors(case, expected, encoder, photos, tmp_path, capsys):
         argv += ["--reference", str(tmp_path / "nope.png")]
     else:
         argv += ["--reference", str(photos / "broken.png")]
-    assert expected in _error(capsys, argv)
+    assert expected in cli_error(capsys, argv)
     assert not (tmp_path / "out").exists()  # nothing written before the inputs check out
 
 
@@ -235,7 +224,7 @@ def test_evaluate_writes_notebook_04s_table(encoder, outputs, capsys):
 
 
 def test_evaluate_a_pretrained_resnet_is_a_clean_error(tmp_path, capsys, outputs):
-    line = _error(capsys, ["evaluate", "--encoder", "resnet50-dino", "--profile", "smoke"])
+    line = cli_error(capsys, ["evaluate", "--encoder", "resnet50-dino", "--profile", "smoke"])
     assert "Shapes scenes' object masks" in line and "simclr, supervised, random" in line and "nemu relax" in line
     assert not (outputs / "evaluation" / "resnet50-dino-smoke-seed0.md").exists()
 
@@ -245,7 +234,7 @@ def test_a_pretrained_vit_offline_is_one_line_naming_the_weights(photos, tmp_pat
 
     monkeypatch.setenv("NEMU_DATA", str(tmp_path / "data"))
     monkeypatch.setattr(nemu_lib.encoders, "_online", lambda host: False)
-    line = _error(capsys, ["relax", str(photos), "--encoder", "vit-s16-dino", "--out", str(tmp_path / "out")])
+    line = cli_error(capsys, ["relax", str(photos), "--encoder", "vit-s16-dino", "--out", str(tmp_path / "out")])
     assert "vit-s16-dino" in line and str(tmp_path / "data" / "weights") in line and "internet" in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -332,7 +321,7 @@ def test_evaluate_images_names_the_corrupt_file_once(evaluated):
 
 
 def test_evaluate_a_pretrained_spec_without_images_points_to_them(capsys, outputs):
-    line = _error(capsys, ["evaluate", "--encoder", "vit-s16-dino"])
+    line = cli_error(capsys, ["evaluate", "--encoder", "vit-s16-dino"])
     assert "pass image files" in line and "nemu evaluate --encoder vit-s16-dino IMAGES" in line
     assert "without ground truth" in line
 
@@ -363,6 +352,6 @@ def test_evaluate_images_on_a_pretrained_spec_reads_224_px(photos, tmp_path, mon
 def test_evaluate_images_usage_errors(argv, expected, encoder, photos, tmp_path, capsys, outputs):
     argv = [str(photos / "chelsea.png") if a == "PHOTO" else str(tmp_path / "nope.png") if a == "MISSING" else a
             for a in argv]
-    line = _error(capsys, ["evaluate", "--encoder", "random", "--profile", "smoke", *argv])
+    line = cli_error(capsys, ["evaluate", "--encoder", "random", "--profile", "smoke", *argv])
     assert expected in line
     assert not (outputs / "evaluation" / "random-images").exists()
