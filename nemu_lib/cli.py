@@ -406,8 +406,8 @@ def _evaluate_images(args: argparse.Namespace) -> None:
         x = normalize(torch.stack(images), encoder.mean, encoder.std).to(dev)  # (N, 3, S, S)
         maps, seconds = evaluation.explain_all(encoder, {}, x, n_masks=n_masks, ig_steps=ig_steps, seed=seed,
                                                methods=IMAGE_METHODS, progress=progress)
-        scores = evaluation.score_maps_without_masks(encoder, x, maps, reference=maps["RELAX"], steps=steps,
-                                                     batch_size=DELETION_BATCH, progress=progress)
+        scores = evaluation.score_maps(encoder, x, None, maps, reference=maps["RELAX"], steps=steps,
+                                          batch_size=DELETION_BATCH, progress=progress)
         for key in ("fidelity_pearson", "fidelity_spearman"):
             scores["RELAX"].pop(key)  # RELAX against itself: 1 by construction
         rows = evaluation.summarize(scores, seconds)

@@ -132,10 +132,15 @@ def _minmax(a: Tensor) -> Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(a)
 
 
+# the metrics that need no object masks (photos, data sets without them): what score_maps gives with gt=None
+MASK_FREE_METRICS = ("complexity", "sparseness", "deletion_auc", "insertion_auc", "fidelity_pearson",
+                     "fidelity_spearman")
+
+
 def score_maps(
     encoder: nn.Module,
     x: Tensor,
-    gt: Tensor,
+    gt: Tensor | None,
     maps: dict[str, Tensor],
     reference: Tensor | None = None,
     steps: int = 16,
@@ -146,7 +151,9 @@ def score_maps(
 
     Args:
         encoder: the encoder the maps explain (for the deletion and insertion curves).
-        x: the images ``(N, C, H, W)``; gt: the main object's masks ``(N, H, W)``.
+        x: the images ``(N, C, H, W)``; gt: the main object's masks ``(N, H, W)``, or ``None`` for images
+            without them (photos: ``nemu evaluate --encoder SPEC IMAGES``), which leaves out the locality
+            metrics (:data:`MASK_FREE_METRICS` remain).
         maps: ``{method: (N, H, W)}``.
         reference: RELAX's importance ``(N, H, W)`` for the fidelity metrics (skipped when ``None``).
         steps: points of the deletion and insertion curves (besides 0).
@@ -157,56 +164,12 @@ def score_maps(
         a = a.to(dev)
         norm = _minmax(a)
         curves = metrics.deletion_insertion(encoder, x, a, steps=steps, batch_size=batch_size)
-        s = {
-            "relevance_mass": metrics.relevance_mass_accuracy(norm, gt),
-            "relevance_rank": metrics.relevance_rank_accuracy(a, gt),
-            "pointing_game": metrics.pointing_game(a, gt),
-            "complexity": metrics.complexity(norm),
-            "sparseness": metrics.sparseness(norm),
-            "deletion_auc": curves.deletion_auc,
-            "insertion_auc": curves.insertion_auc,
-        }
-        if reference is not None:
-            ref = reference.to(dev)
-            s["fidelity_pearson"] = metrics.pearson(a, ref)
-            s["fidelity_spearman"] = metrics.spearman(a, ref)
-        scores[name] = {k: v.double().cpu() for k, v in s.items()}
-    return scores
-
-
-# what score_maps_without_masks gives: the metrics that need no object masks (photos, data sets without them)
-MASK_FREE_METRICS = ("complexity", "sparseness", "deletion_auc", "insertion_auc", "fidelity_pearson",
-                     "fidelity_spearman")
-
-
-def score_maps_without_masks(
-    encoder: nn.Module,
-    x: Tensor,
-    maps: dict[str, Tensor],
-    reference: Tensor | None = None,
-    steps: int = 16,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> dict[str, dict[str, Tensor]]:
-    """The metrics of :func:`score_maps` that need no ground truth, per image: ``{method: {metric: (N,) float64}}``.
-
-    Complexity and sparseness of the min-max normalised maps, deletion and insertion AUC in representation
-    space, and (with ``reference``, RELAX's importance ``(N, H, W)``) fidelity to it, computed exactly as
-    :func:`score_maps` does; the locality metrics, which need the objects' masks, are left out
-    (:data:`MASK_FREE_METRICS`). For images without object masks: ``nemu evaluate --encoder SPEC IMAGES``.
-    """
-    dev = x.device
-    scores: dict[str, dict[str, Tensor]] = {}
-    for name, a in tqdm(maps.items(), desc="scoring", disable=not progress):
-        a = a.to(dev)
-        norm = _minmax(a)
-        curves = metrics.deletion_insertion(encoder, x, a, steps=steps, batch_size=batch_size)
-        s = {
-            "complexity": metrics.complexity(norm),
-            "sparseness": metrics.sparseness(norm),
-            "deletion_auc": curves.deletion_auc,
-            "insertion_auc": curves.insertion_auc,
-        }
+        s = {}
+        if gt is not None:
+            s.update(relevance_mass=metrics.relevance_mass_accuracy(norm, gt),
+                     relevance_rank=metrics.relevance_rank_accuracy(a, gt), pointing_game=metrics.pointing_game(a, gt))
+        s.update(complexity=metrics.complexity(norm), sparseness=metrics.sparseness(norm),
+                 deletion_auc=curves.deletion_auc, insertion_auc=curves.insertion_auc)
         if reference is not None:
             ref = reference.to(dev)
             s["fidelity_pearson"] = metrics.pearson(a, ref)
