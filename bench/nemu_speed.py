@@ -46,7 +46,7 @@ instead of 2 ms for the small ResNet at B = 1 with 2 threads on 2 loaded cores):
 
 Usage::
 
-    python bench/nemu_speed.py --relax-masks resnet50=200          # the cases, a table
+    python bench/nemu_speed.py --relax-masks resnet50=200,vit-s16=100   # every case (ViT-S/16 too), a table
     python bench/nemu_speed.py --quick --json                      # smoke check, one JSON dict
     python bench/nemu_speed.py --threads 1 --relax-masks resnet50=200 --max-width 256,64,32,16
     python bench/nemu_speed.py --device cuda --channels-last --bf16
@@ -423,7 +423,7 @@ def _print_case(c: dict, widths: list[int], gradient_why: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON dict instead of a table")
-    parser.add_argument("--cases", default="small,resnet50", help=f"comma-separated, among {sorted(CASES)}")
+    parser.add_argument("--cases", default="small,resnet50,vit-s16", help=f"comma-separated, among {sorted(CASES)}")
     parser.add_argument("--max-width", default=str(DEFAULT_MAX_WIDTH),
                         help=f"NEMU decoder max_width, comma-separated for several NEM-U rows "
                              f"(default {DEFAULT_MAX_WIDTH}, the library's)")
