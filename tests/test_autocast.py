@@ -225,3 +225,34 @@ def test_an_outer_autocast_stays_in_force_whatever_amp_says(tmp_path, amp):
     with bf16(), output_dtypes(model.decoder.head) as outer:
         train(model, _images(4), None, cfg, tmp_path / "outer", progress=False)
     assert set(plain) == {torch.float32} and set(outer) == {torch.bfloat16}
+
+
+def _vit():
+    from nemu_lib.vit import vit_tiny
+
+    torch.manual_seed(0)
+    return vit_tiny(image_size=32, patch_size=8, layers=2, hidden=32, heads=2, mlp=64).eval()
+
+
+def _wrapped():
+    from nemu_lib.encoders import Encoder
+
+    return Encoder.wrap(_encoder(), probe_size=32).eval()
+
+
+@pytest.mark.parametrize("factory", [_vit, _wrapped], ids=["vit", "wrapped"])
+def test_new_encoders_train_under_autocast(tmp_path, factory):
+    """notebook 07's two training steps on a ViT and a wrapped CNN: the supervised fit and NEM-U's decoder."""
+    encoder = factory()
+    with bf16():
+        history = ssl.train_supervised(encoder, _images(16, unit=True), torch.arange(16) % 3, epochs=1, batch_size=8,
+                                       progress=False)
+    assert len(history) == 2 and all(math.isfinite(v) for v in history)
+    encoder.eval()
+    model = NEMU(encoder)
+    dec_before = _snapshot(model.decoder)
+    cfg = TrainConfig(objective="nem", steps=2, batch_size=4, lr=1e-2)
+    with bf16(), output_dtypes(model.decoder.head) as seen:
+        nemu_history = train(model, _images(8), None, cfg, tmp_path, progress=False)
+    assert set(seen) == {torch.bfloat16} and all(math.isfinite(v) for v in nemu_history["loss"])
+    assert set(_changed(dec_before, model.decoder)) == set(dec_before)
