@@ -59,17 +59,22 @@ def photos(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def relaxed(encoder, photos, outputs, tmp_path_factory):
-    """``nemu relax FOLDER --encoder random --profile smoke --n-masks 50``: (out, exit status, stdout, stderr)."""
-    out = tmp_path_factory.mktemp("relax")
+def _run(outputs, argv: list[str]) -> tuple[int, str, str]:
+    """Run ``nemu argv`` with NEMU_OUTPUTS set, expecting it to exit: (exit status, stdout, stderr)."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         mp.setenv("NEMU_OUTPUTS", str(outputs))
         with pytest.raises(SystemExit) as exc:
-            cli.main(["relax", str(photos), "--encoder", "random", "--profile", "smoke", "--n-masks", str(N),
-                      "--out", str(out), "--device", "cpu"])
-    return out, exc.value.code, stdout.getvalue(), stderr.getvalue()
+            cli.main(argv)
+    return exc.value.code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def relaxed(encoder, photos, outputs, tmp_path_factory):
+    """``nemu relax FOLDER --encoder random --profile smoke --n-masks 50``: (out, exit status, stdout, stderr)."""
+    out = tmp_path_factory.mktemp("relax")
+    return out, *_run(outputs, ["relax", str(photos), "--encoder", "random", "--profile", "smoke", "--n-masks", str(N),
+                                "--out", str(out), "--device", "cpu"])
 
 
 def _direct(encoder, path, size=32, **kwargs):
@@ -249,13 +254,9 @@ def evaluated(encoder, photos, outputs, tmp_path_factory):
     """``nemu evaluate FOLDER --encoder random --profile smoke --n-masks 50 --deletion-steps 4``: (out, exit
     status, stdout, stderr)."""
     out = tmp_path_factory.mktemp("evaluate")
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        mp.setenv("NEMU_OUTPUTS", str(outputs))
-        with pytest.raises(SystemExit) as exc:
-            cli.main(["evaluate", str(photos), "--encoder", "random", "--profile", "smoke", "--n-masks", str(N),
-                      "--deletion-steps", str(STEPS), "--out", str(out), "--device", "cpu", "--no-progress"])
-    return out, exc.value.code, stdout.getvalue(), stderr.getvalue()
+    return out, *_run(outputs, ["evaluate", str(photos), "--encoder", "random", "--profile", "smoke", "--n-masks",
+                                str(N), "--deletion-steps", str(STEPS), "--out", str(out), "--device", "cpu",
+                                "--no-progress"])
 
 
 def test_evaluate_images_writes_the_table_and_the_record(evaluated, photos):
