@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import evaluation, launch, metrics, relax, ssl, train
 from .checkpoint import atomic_write
-from .config import PROFILES, get_profile, outputs_dir
+from .config import PROFILES, Profile, get_profile, outputs_dir
 from .config import device as default_device
 from .data import normalize
 from .evaluation import describe_worth
@@ -217,16 +217,39 @@ def save_relax_figure(image: Tensor, importance: np.ndarray, uncertainty: np.nda
     fig.savefig(path)
 
 
-def _relax(args: argparse.Namespace) -> None:
-    """``nemu relax``: RELAX maps of image files; exit status 1 (``SystemExit``) when some could not be read."""
-    for name in ("n_masks", "batch_size", "size"):
+def _check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Each option of ``names`` that is set must be >= 1 (a one-line error naming it otherwise)."""
+    for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _input_size(args: argparse.Namespace) -> tuple[bool, Profile | None, int]:
+    """``(Shapes spec?, its profile, input side)``: the profile's size for Shapes encoders, 224 px for pretrained
+    ones, ``--size`` over both."""
     launch.check_encoder_spec(args.encoder)
     shapes = args.encoder not in launch.PRETRAINED_SPECS
     profile = get_profile(args.profile) if shapes else None
-    size = args.size or (profile.image_size if shapes else 224)
+    return shapes, profile, args.size or (profile.image_size if shapes else 224)
+
+
+def _read_or_skip(path: Path, size: int, failed: list[dict]) -> Tensor | None:
+    """The image at ``path`` (:func:`read_image`), or ``None`` for an unreadable file: said on one line on stderr
+    and appended to ``failed``."""
+    try:
+        return read_image(path, size)
+    except ValueError as err:
+        reason = " ".join(str(err).split())
+        tqdm.write(f"nemu: skipped: {reason}", file=sys.stderr)
+        failed.append({"file": str(path), "reason": reason})
+        return None
+
+
+def _relax(args: argparse.Namespace) -> None:
+    """``nemu relax``: RELAX maps of image files; exit status 1 (``SystemExit``) when some could not be read."""
+    _check_positive(args, ("n_masks", "batch_size", "size"))
+    shapes, profile, size = _input_size(args)
     paths = image_paths(args.inputs)
     dev = default_device(args.device)
     encoder = launch.resolve_encoder(args.encoder, profile, args.encoder_seed, dev, allow_training=False,
@@ -251,14 +274,12 @@ def _relax(args: argparse.Namespace) -> None:
     for start in range(0, len(paths), IMAGES_PER_CALL):
         todo, images = [], []
         for i in range(start, min(start + IMAGES_PER_CALL, len(paths))):
-            try:
-                images.append(read_image(paths[i], size))
-                todo.append(i)
-            except ValueError as err:  # unreadable: said on one line, skipped
-                reason = " ".join(str(err).split())
-                tqdm.write(f"nemu: skipped: {reason}", file=sys.stderr)
-                record["failed"].append({"file": str(paths[i]), "reason": reason})
+            image = _read_or_skip(paths[i], size, record["failed"])
+            if image is None:
                 bar.update(1)
+            else:
+                images.append(image)
+                todo.append(i)
         if not images:
             continue
         batch = torch.stack(images)  # (B, 3, S, S) in [0, 1]
@@ -362,17 +383,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _evaluate_images(args: argparse.Namespace) -> None:
     """``nemu evaluate --encoder SPEC IMAGES``: notebook 04's encoder-only methods on image files, scored on
     the metrics that need no object masks; exit status 1 (``SystemExit``) when some could not be read."""
-    for name in ("n_masks", "size", "deletion_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _check_positive(args, ("n_masks", "size", "deletion_steps"))
     if args.recompute:
         raise ValueError("--recompute applies to the Shapes evaluation (its saved maps): image files are always "
                          "explained afresh, drop it")
     spec, seed = args.encoder, args.seed
-    shapes = spec not in launch.PRETRAINED_SPECS
-    profile = get_profile(args.profile) if shapes else None
-    size = args.size or (profile.image_size if shapes else 224)
+    shapes, profile, size = _input_size(args)
     n_masks = args.n_masks or 3000
     steps = args.deletion_steps or DELETION_STEPS
     ig_steps = profile.extra["ig_steps"] if shapes else IG_STEPS
@@ -391,13 +407,10 @@ def _evaluate_images(args: argparse.Namespace) -> None:
                     "metrics": list(evaluation.MASK_FREE_METRICS), "table": [], "images": [], "failed": []}
     images, read = [], []
     for path in tqdm(paths, desc="reading", unit="image", disable=not progress):
-        try:
-            images.append(read_image(path, size))
+        image = _read_or_skip(path, size, record["failed"])
+        if image is not None:
+            images.append(image)
             read.append(path)
-        except ValueError as err:  # unreadable: said on one line, skipped
-            reason = " ".join(str(err).split())
-            tqdm.write(f"nemu: skipped: {reason}", file=sys.stderr)
-            record["failed"].append({"file": str(path), "reason": reason})
     out.mkdir(parents=True, exist_ok=True)
     heading = (f"**{spec} encoder**" + (f", profile {profile.name}, seed {seed}" if shapes else "")
                + f": {len(read)} image(s) at {size} px, RELAX N = {n_masks}, deletion/insertion {steps} steps, "
