@@ -133,7 +133,8 @@ class ExplainerOutput:
     """One forward pass. ``z (B, D)`` the performer's representation, ``z_hat (B, D)`` the one from the
     reconstruction; ``targets`` and ``recons`` the performer's maps above the tap and their reconstructions
     (fine to coarse); ``p (B,)`` the parts' share; ``activations`` each interpretable layer's ReLU'd maps
-    ``(B, F, h, w)`` before the template mask (the filter loss's input; the last one is the part filters)."""
+    ``(B, F, h, w)`` before the template mask (the filter loss's input; the last one is the part filters);
+    ``tap (B, C, h, w)`` the performer's map they explain."""
 
     z: Tensor
     z_hat: Tensor
@@ -141,6 +142,7 @@ class ExplainerOutput:
     recons: list[Tensor]
     p: Tensor
     activations: list[Tensor]
+    tap: Tensor
 
     @property
     def parts(self) -> Tensor:
@@ -229,7 +231,7 @@ class Explainer(nn.Module):
         if recon.shape[-2:] != target.shape[-2:]:  # odd sizes: stride-2 convs round up
             recon = F.interpolate(recon, size=target.shape[-2:], mode="bilinear", align_corners=False)
         z_hat, recons = self.encoder.forward_from(self.target, recon)
-        return ExplainerOutput(z, z_hat, maps[self.target:], recons, p, activations)
+        return ExplainerOutput(z, z_hat, maps[self.target:], recons, p, activations, maps[self.layer])
 
 
 def explainer_loss(out: ExplainerOutput, filter_weight: float = 10.0, prior_weight: float = 0.1
@@ -387,8 +389,7 @@ def explain_parts(explainer: Explainer, x: Tensor, batch_size: int = 128, progre
         o = explainer(xb)
         target, recon = o.targets[0].float(), o.recons[0].float()
         err = ((recon - target) ** 2).sum(dim=(1, 2, 3)) / (target**2).sum(dim=(1, 2, 3)).clamp(min=1e-12)
-        tap = explainer.encoder.features(xb)[explainer.layer]
-        for k, v in zip(keys, (o.parts, tap, o.z, o.z_hat, o.p, err), strict=True):
+        for k, v in zip(keys, (o.parts, o.tap, o.z, o.z_hat, o.p, err), strict=True):
             out[k].append(v.float().to(x.device))
     explainer.train(was_training)
     return {k: torch.cat(v) for k, v in out.items()}
