@@ -239,7 +239,8 @@ MEASURED = {
                "(+ ~8 min if notebook 01's encoders must be trained first)"},
     "07_your_own_encoder": {
         "smoke": "~15 s",
-        "cpu": "~5 min on an idle 2-core CPU (training the CNN and the ViT ~3 min), ~2.5 min once they are saved"},
+        "cpu": "~5 min on an idle 2-core CPU (training the CNN and the ViT ~3 min), ~40 s once they and their "
+               "decoders are saved"},
 }
 
 
