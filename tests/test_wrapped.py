@@ -301,3 +301,18 @@ def test_bf16_autocast_forward(wrapped):
             z, maps = enc.forward_features(x)
     assert z.dtype == torch.bfloat16 and all(torch.isfinite(m).all() for m in maps)
     assert F.cosine_similarity(z.float(), z32, dim=1).min() > 0.99
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_100"])
+def test_timm_cnns_wrap_in_one_call(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()  # num_classes=0: images -> (B, D)
+    encoder = Encoder.wrap(model, probe_size=64)
+    assert encoder.feature_strides == (2, 4, 8, 16, 32)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z, maps = encoder.forward_features(x)
+        assert torch.equal(z, model(x))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [m.shape[1] for m in maps] == list(encoder.feature_channels)
