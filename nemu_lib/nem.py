@@ -13,10 +13,13 @@ Only the decoder is trained, with one of three objectives (d(a, b) = (1 − cos(
 - ``nem-contrastive`` (keep what matters, and make the rest unlike it):
       L = β · mean(m) + α · d_keep − d(f(x ⊙ m), f(x ⊙ (1 − m))) · (d_keep + ε),  d_keep = d(f(x), f(x ⊙ m))
 - ``relax`` (amortised RELAX, beyond the paper): K random RELAX masks M_k per image with similarities
-  s_k = cos(f(x), f(x ⊙ M_k)); the importance head e minimises Σ_k Σ_ij M_k,ij (e_ij − s_k)² / Σ M, whose
-  minimiser is RELAX's importance Σ M s / Σ M (Wickstrøm et al., IJCV 2023, Eq. 3); a second head predicts
-  a log-variance ℓ with the Gaussian negative log-likelihood Σ M ((s − sg(e))² e^{−ℓ} + ℓ) / Σ M, whose
-  minimiser e^ℓ = Σ M (s − e)² / Σ M is RELAX's uncertainty — one-pass importance *and* uncertainty.
+  s_k = cos(f(x), f(x ⊙ M_k)), standardised per image, t_k = (s_k − mean_k s) / std_k s; the importance head
+  e minimises Σ_k Σ_ij M_k,ij (e_ij − t_k)² / Σ M, whose minimiser is RELAX's importance Σ M s / Σ M
+  (Wickstrøm et al., IJCV 2023, Eq. 3) in the image's own units; a second head predicts a log-variance ℓ
+  with the Gaussian negative log-likelihood Σ M ((t − sg(e))² e^{−ℓ} + ℓ) / Σ M, whose minimiser
+  e^ℓ = Σ M (t − e)² / Σ M is RELAX's uncertainty (Eq. 4) in the same units — one-pass importance *and*
+  uncertainty. Why standardise: a trained encoder's s_k sit at ~0.9 ± 0.01 within an image while images'
+  means differ by more, so raw targets teach the head each image's level and barely its pattern.
 
 Masks multiply the *normalised* image: a removed pixel becomes 0, the data set mean.
 
@@ -176,7 +179,11 @@ class NEMU(nn.Module):
         return z, torch.sigmoid(logits[:, :1])
 
     def explain(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(z, m, u)``: ``u (B, 1, H, W)`` the predicted RELAX uncertainty (``None`` without that head)."""
+        """``(z, m, u)``: ``u (B, 1, H, W)`` the predicted RELAX uncertainty (``None`` without that head).
+
+        For an amortised-RELAX decoder ``m`` = sigmoid of the standardised importance (0.5 at the image's
+        mean similarity) and ``u`` is in units of that image's variance of s_k (:class:`RelaxObjective`).
+        """
         z, logits = self.logits(x)
         u = logits[:, 1:2].exp() if self.uncertainty else None
         return z, torch.sigmoid(logits[:, :1]), u
@@ -297,7 +304,8 @@ def amortised_relax_loss(e: Tensor, log_var: Tensor | None, masks: Tensor, s: Te
 
     Args:
         e: importance ``(B, 1, H, W)``; log_var: log-variance ``(B, 1, H, W)`` or ``None``.
-        masks: ``(B, K, H, W)``; s: similarities of the masked images ``(B, K)``.
+        masks: ``(B, K, H, W)``; s: the targets ``(B, K)``: similarities of the masked images, or their
+            per-image z-scores (:func:`standardize`; then the minimisers are RELAX's maps in those units).
 
     Returns:
         ``(L_e, L_v)``: Σ M (e − s)² / Σ M and Σ M ((s − sg(e))² e^{−ℓ} + ℓ) / Σ M (0 without ``log_var``),
@@ -314,17 +322,11 @@ def amortised_relax_loss(e: Tensor, log_var: Tensor | None, masks: Tensor, s: Te
 
 
 class Objective(nn.Module):
-    """``objective(model, x, generator) -> (loss, stats)``; ``stats`` holds the two scalars ``stat_names``.
-
-    ``prepare(model, x, generator)`` runs once before training from scratch (the decoder's starting point).
-    """
+    """``objective(model, x, generator) -> (loss, stats)``; ``stats`` holds the two scalars ``stat_names``."""
 
     name: str
     needs_uncertainty = False
     stat_names: tuple[str, str] = ("area", "sim")  # mask area mean(m), kept similarity cos(f(x), f(x ⊙ m))
-
-    def prepare(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> None:
-        """Nothing to prepare: the NEM objectives start from the decoder's default initialisation."""
 
 
 class NEMObjective(Objective):
@@ -349,50 +351,49 @@ class NEMObjective(Objective):
 
 
 class RelaxObjective(Objective):
-    """Amortised RELAX (``relax``): K RELAX masks per image per step, importance and uncertainty heads."""
+    """Amortised RELAX (``relax``): K RELAX masks per image per step, importance and uncertainty heads.
+
+    The heads regress the logits directly onto per-image standardised similarities (no sigmoid while
+    training): both heads start at their targets' level (0 and log 1) from the default initialisation, and
+    the squashing never flattens a z-score's gradient. :meth:`NEMU.explain` returns sigmoid(e), 0.5 at the
+    image's mean similarity, and e^ℓ, in units of the variance of that image's s_k.
+    """
 
     needs_uncertainty = True
     name = "relax"
-    stat_names = ("importance", "masked_sim")  # mean predicted importance e, mean similarity s_k of the copies
+    stat_names = ("spread", "masked_sim")  # std of e over an image's pixels, mean s_k of the masked copies
 
     def __init__(self, n_masks: int = 16, num_cells: int = 7, p_keep: float = 0.5) -> None:
         super().__init__()
+        if n_masks < 2:
+            raise ValueError(f"the relax objective standardises K similarities per image: n_masks must be >= 2, "
+                             f"got {n_masks}")
         self.n_masks, self.num_cells, self.p_keep = n_masks, num_cells, p_keep
 
     def similarities(
         self, model: NEMU, x: Tensor, z: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """K random RELAX masks per image ``(B, K, H, W)`` and s_k = cos(f(x), f(x ⊙ M_k)) ``(B, K)``."""
+        """K random RELAX masks per image ``(B, K, H, W)`` and s_k = cos(f(x), f(x ⊙ M_k)) ``(B, K)``, float32."""
         b, k, shape = x.shape[0], self.n_masks, (x.shape[-2], x.shape[-1])
         masks = relax_masks(b * k, shape, self.num_cells, self.p_keep, generator, x.device).to(x.dtype)
         with torch.no_grad():
             masked = (x[:, None] * masks.view(b, k, 1, *shape)).flatten(0, 1)  # (B K, C, H, W)
-            s = F.cosine_similarity(z.detach().repeat_interleave(k, 0), model.encoder(masked), dim=1).view(b, k)
+            z_masked = model.encoder(masked).float()
+            s = F.cosine_similarity(z.detach().float().repeat_interleave(k, 0), z_masked, dim=1).view(b, k)
         return masks.view(b, k, *shape), s
-
-    @torch.no_grad()
-    def prepare(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> None:
-        """Start the heads at the data's level: e = mean of s_k, e^ℓ = the mean variance of s_k *within* an image.
-
-        A fresh head gives e = sigmoid(0) = 0.5 and e^ℓ = 1, while RELAX's importance of a trained encoder
-        sits near 0.9 and its uncertainty near 1e-3; an optimiser moves a bias by about its learning rate
-        per step, so hundreds of steps would go into shifting two constants (as a classifier's bias starts
-        at the prior log-odds). RELAX's uncertainty is a variance over one image's masks, so the level is
-        the variance over each image's K masks, averaged over ``x``: the variance over all images would add
-        the spread of the images' mean similarities (6x too high for the cpu SimCLR encoder).
-        """
-        _, s = self.similarities(model, x, model.encoder(x), generator)  # (B, K)
-        level = s.mean().clamp(1e-4, 1 - 1e-4)
-        spread = s.var(dim=1).mean().clamp_min(1e-12) if s.shape[1] > 1 else s.new_tensor(1e-12)
-        bias = model.decoder.head.bias  # (1 or 2,): importance, log-variance
-        bias.copy_(torch.stack([torch.logit(level), torch.log(spread)])[:len(bias)].to(bias))
 
     def forward(self, model: NEMU, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         z, logits = model.logits(x)
         masks, s = self.similarities(model, x, z, generator)
-        e = torch.sigmoid(logits[:, :1])
-        loss_e, loss_v = amortised_relax_loss(e, logits[:, 1:2] if model.uncertainty else None, masks, s)
-        return loss_e + loss_v, {"importance": e.mean().detach(), "masked_sim": s.mean()}
+        e = logits[:, :1].float()  # (B, 1, H, W)
+        loss_e, loss_v = amortised_relax_loss(e, logits[:, 1:2].float() if model.uncertainty else None, masks,
+                                              standardize(s))
+        return loss_e + loss_v, {"spread": e.flatten(1).std(1).mean().detach(), "masked_sim": s.mean()}
+
+
+def standardize(s: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-row z-scores ``(s − mean) / (std + eps)`` of similarities ``(B, K)``: each image in its own units."""
+    return (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + eps)
 
 
 def build_objective(name: str, **kwargs) -> Objective:

@@ -65,8 +65,6 @@ class TrainConfig:
         alpha, beta, eps: the NEM objectives' weights (see :mod:`nemu_lib.nem`).
         relax_masks: K, RELAX masks per image per step (``relax`` objective).
         seed: seeds the data order and the masks.
-        init_heads: ``relax``: start the heads' biases at the mean and variance of the similarities of
-            randomly masked copies (:meth:`nemu_lib.nem.RelaxObjective.prepare`) when not resuming.
         amp: autocast on CUDA: bf16, or fp16 with loss scaling on GPUs older than Ampere (T4)
             (:func:`nemu_lib.config.autocast`); on other devices an outer ``torch.autocast`` stays in force,
             which is how the tests check dtype safety on a CPU.
@@ -85,7 +83,6 @@ class TrainConfig:
     eps: float = 0.01
     relax_masks: int = 16
     seed: int = 0
-    init_heads: bool = True
     amp: bool = True
 
     def objective_kwargs(self) -> dict:
@@ -236,15 +233,11 @@ def train(
         stop_at: stop after this step (checkpointing it), as if interrupted; ``resume`` continues.
         progress: tqdm bar with the loss and the objective's two statistics (rank 0).
 
-    A run that does not resume first calls ``objective.prepare`` on the first ``min(64, N)`` training images
-    when ``cfg.init_heads`` (the amortised-RELAX heads start at the data's similarity level; the NEM
-    objectives change nothing); set it to ``False`` to go on training a decoder's current weights.
-
     Returns:
         ``{"step", "loss", <stat 1>, <stat 2>, "val_step", "val_loss"}`` lists, the resumed part included;
         the statistics are the objective's ``stat_names``: ``"area"`` (mean(m)) and ``"sim"``
-        (cos(f(x), f(x ⊙ m))) for ``nem`` and ``nem-contrastive``; ``"importance"`` (mean e) and
-        ``"masked_sim"`` (mean s_k of the random masked copies) for ``relax``.
+        (cos(f(x), f(x ⊙ m))) for ``nem`` and ``nem-contrastive``; ``"spread"`` (the std of e over an
+        image's pixels) and ``"masked_sim"`` (mean s_k of the random masked copies) for ``relax``.
     """
     rank, world = rank_world()
     micro = _check(cfg, len(images), world)
@@ -270,8 +263,6 @@ def train(
             scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         history, start = ckpt["history"], ckpt["step"]
-    elif cfg.init_heads:  # the same images and masks on every rank: the replicas start equal
-        objective.prepare(model, images[:64].to(dev), torch.Generator(dev).manual_seed(cfg.seed))
 
     def save(step: int) -> None:
         if rank == 0:

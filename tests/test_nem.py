@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 from nemu_lib.encoders import SmallResNet, build_encoder
+from nemu_lib.metrics import pearson
 from nemu_lib.nem import (
     NEMU,
     UNetDecoder,
@@ -22,6 +23,7 @@ from nemu_lib.nem import (
     multiply_adds,
     nem_contrastive_loss,
     nem_loss,
+    standardize,
     summarize_quality,
 )
 
@@ -155,32 +157,45 @@ def test_relax_objective_uses_the_relax_similarities():
     with torch.no_grad():
         z = model.encoder(x)
     assert -1 <= stats["masked_sim"] < F.cosine_similarity(z, z).mean() - 1e-4
-    assert set(stats) == set(obj.stat_names) == {"importance", "masked_sim"}
+    assert set(stats) == set(obj.stat_names) == {"spread", "masked_sim"}
 
 
-def test_relax_prepare_starts_the_heads_at_the_similarity_level():
-    """prepare(): bias = (logit(mean s_k), log(mean within-image var s_k)) over the K random masked copies."""
+def test_relax_targets_are_per_image_z_scores_and_their_minimiser_is_relax_in_those_units():
+    """The importance head's optimum is (R − mean s) / std s per image: RELAX's map up to an affine map."""
     model = NEMU(_small(), uncertainty=True)
+    x = torch.randn(2, 3, 32, 32)
+    obj = build_objective("relax", n_masks=6)
+    masks, s = obj.similarities(model, x, model.encoder(x), torch.Generator().manual_seed(3))
+    t = standardize(s)
+    assert_close(t.mean(1), torch.zeros(2), atol=1e-4, rtol=0)
+    assert_close(t.std(1), torch.ones(2), atol=1e-3, rtol=0)
+    w = masks.sum(1)  # (B, H, W)
+    relax_map = (masks * s[:, :, None, None]).sum(1) / w  # RELAX's importance from these K masks
+    e_star = ((masks * t[:, :, None, None]).sum(1) / w)[:, None].requires_grad_(True)  # ... from the z-scores
+    g, = torch.autograd.grad(amortised_relax_loss(e_star, None, masks, t)[0], e_star)
+    assert_close(g, torch.zeros_like(g), atol=1e-6, rtol=0)
+    affine = (relax_map - s.mean(1)[:, None, None]) / (s.std(1)[:, None, None] + 1e-6)
+    assert_close(e_star.detach()[:, 0], affine, atol=1e-3, rtol=1e-4)
+    assert (pearson(e_star.detach()[:, 0], relax_map) > 1 - 1e-5).all()
+
+
+def test_relax_objective_trains_from_the_default_heads():
+    """No sigmoid while training: the loss at e = 0, ℓ = 0 is Σ M t² / Σ M (about 1) plus 0."""
+    model = NEMU(_small(), uncertainty=True)
+    torch.nn.init.zeros_(model.decoder.head.weight)
+    torch.nn.init.zeros_(model.decoder.head.bias)
     x = torch.randn(3, 3, 32, 32)
-    obj = build_objective("relax", n_masks=5)
-    obj.prepare(model, x, torch.Generator().manual_seed(7))
-    masks, s = obj.similarities(model, x, model.encoder(x), torch.Generator().manual_seed(7))  # the same draw
-    assert masks.shape == (3, 5, 32, 32) and s.shape == (3, 5)
-    within = sum(((row - row.mean()) ** 2).sum() / (len(row) - 1) for row in s) / len(s)  # by hand, per image
-    expected = torch.stack([torch.logit(s.mean()), torch.log(within)])
-    assert within < s.var()  # the pooled variance adds the spread of the images' means
-    assert_close(model.decoder.head.bias.detach(), expected)
-    # one head (no uncertainty): only the importance bias
-    plain = NEMU(_small())
-    obj.prepare(plain, x, torch.Generator().manual_seed(7))
-    assert_close(plain.decoder.head.bias.detach(), expected[:1])
+    obj = build_objective("relax", n_masks=8)
+    loss, stats = obj(model, x, torch.Generator().manual_seed(0))
+    masks, s = obj.similarities(model, x, model.encoder(x), torch.Generator().manual_seed(0))
+    expected = 2 * ((masks * standardize(s)[:, :, None, None] ** 2).sum(1) / masks.sum(1)).mean()
+    assert_close(loss, expected)
+    assert stats["spread"] == 0
 
 
-def test_nem_prepare_changes_nothing():
-    model = NEMU(_small())
-    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
-    build_objective("nem").prepare(model, torch.randn(2, 3, 32, 32))
-    assert all(torch.equal(v, before[k]) for k, v in model.decoder.state_dict().items())
+def test_relax_objective_needs_two_masks():
+    with pytest.raises(ValueError, match="n_masks must be >= 2"):
+        build_objective("relax", n_masks=1)
 
 
 def test_unknown_objective():
