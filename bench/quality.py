@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                                         progress=not args.json) for k in kinds]
     record = results_record(evaluations)
     info = {"profile": p.name, "device": args.device, "threads": args.threads, "cpu": cpu_name(),
-            "torch": torch.__version__, "images": p.extra["eval_images"], "relax_masks": p.extra["relax_masks"],
+            "torch": torch.__version__, "images": p.extra["eval_images"], "relax_masks": p.extra["eval_relax_masks"],
             "seconds": time.perf_counter() - start}
     if args.json:
         json.dump({"info": info, "encoders": record}, sys.stdout, indent=2, default=float)

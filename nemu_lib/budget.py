@@ -158,10 +158,11 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
     training the SimCLR and supervised encoders and embedding the splits for the probes (01), RELAX in
     its sections (02), the NEM-U decoders of one encoder and RELAX beside them (03), the evaluation of two
     encoders (04: RELAX on every held-out scene, its convergence and the random encoder, integrated
-    gradients, deletion curves, the decoders notebook 03 did not train), Network Dissection (05) and two
-    explainer networks (06: the performer's forward pass and its last stage backward per step, then
-    explaining the training and test splits, the probes and one dissection), and a torchvision CNN and a small
-    ViT trained, explained by RELAX and given NEM-U decoders (07, at the small ResNet's cost per image).
+    gradients, deletion curves, the decoders notebook 03 did not train and one on the random encoder),
+    Network Dissection (05) and two explainer networks (06: the performer's forward pass and its last stage
+    backward per step, then explaining the training and test splits, the probes and one dissection), and a
+    torchvision CNN and a small ViT trained, explained by RELAX and given NEM-U decoders (07, at the small
+    ResNet's cost per image).
     """
     from .config import get_profile
 
@@ -191,7 +192,8 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
     probes = run(infer=3 * (p.n_train + p.n_test), calls=3 * (p.n_train + p.n_test) / 256)
     n_eval, n_ceiling = e["eval_images"], e["ceiling_images"]
     deletion = run(infer=8 * n_eval * 2 * (e["deletion_steps"] + 1), calls=8 * 2 * n_eval / 8)
-    evaluation = (relax(n_eval) + relax(2 * n_ceiling) + relax(4 * e["mosaics"], n_masks / 2)
+    eval_masks = e["eval_relax_masks"]
+    evaluation = (relax(n_eval, eval_masks) + relax(2 * n_ceiling, eval_masks) + relax(4 * e["mosaics"], eval_masks / 2)
                   + run(train=n_eval * e["ig_steps"] / 3 * 2, calls=n_eval * e["ig_steps"] / 64) + deletion)
     dissection = 3 * (1 + e["dissection_rotations"]) * run(infer=2 * e["dissection_images"],
                                                            calls=2 * e["dissection_images"] / 64)
@@ -202,7 +204,8 @@ def notebook_seconds(profile: object = None, speed: DeviceSpeed | None = None) -
         "02_relax": relax(4.5 * e["relax_images"] + 8 * e["mosaics"]),
         "03_nemu": (2 * decoder("nem") + decoder("nem-contrastive") + decoder("relax")
                     + relax(2 * e["relax_images"])),
-        "04_evaluating_explanations": 2 * evaluation + decoder("nem-contrastive") + decoder("relax"),
+        # + the supervised decoders notebook 03 does not train, and the random encoder's NEM-U decoder
+        "04_evaluating_explanations": 2 * evaluation + decoder("nem-contrastive") + decoder("relax") + decoder("nem"),
         "05_network_dissection": dissection + 2 * probes / 3,
         "06_explainer_networks": 2 * (run(infer=e["explainer_steps"] * e["explainer_batch_size"],
                                           train=e["explainer_steps"] * e["explainer_batch_size"] / 8,

@@ -366,7 +366,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     result = report.evaluate_encoder(kind, p, seed=seed, device=args.device, recompute=args.recompute,
                                      progress=not args.no_progress)
     headline = report.results_record([result])[kind]
-    n_masks = p.extra["relax_masks"]
+    n_masks = p.extra["eval_relax_masks"]
     md_path, json_path = evaluation_files(kind, p.name, seed)
     listed = {k: v for k, v in headline.items() if k != "table"}
     listed["nemu_worth_n_masks"] = {m: describe_worth(n, result.ns) for m, n in result.worth.items()}

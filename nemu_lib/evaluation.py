@@ -22,8 +22,7 @@ independent RELAX in growing chunks and gives its fidelity to the reference at e
 many masks NEM-U is worth (:func:`worth_n_masks`, on :func:`mean_fidelity`; in words: :func:`describe_worth`).
 
 To read the table: :func:`object_share` is the locality metrics' chance level, :func:`where_the_maximum_is` says
-where a map's top pixels lie (what the Pointing Game reads), :func:`level_and_pattern` splits a map's agreement
-with RELAX into the level across images and the pattern within them.
+where a map's top pixels lie (what the Pointing Game reads).
 """
 
 from __future__ import annotations
@@ -45,6 +44,9 @@ from .relax import RelaxResult, relax
 METHODS = ("NEM-U", "NEM-U contrastive", "amortised RELAX", "RELAX", "U-RELAX", "label-free gradient",
            "label-free IG", "random")
 DECODER_METHODS = {"NEM-U": "nem", "NEM-U contrastive": "nem-contrastive", "amortised RELAX": "relax"}
+# not explanations to score, but what explain_all also returns when asked: RELAX's uncertainty (Eq. 4) and the
+# amortised-RELAX decoder's prediction of it
+UNCERTAINTIES = ("RELAX uncertainty", "amortised RELAX uncertainty")
 CONVERGENCE_NS = (25, 50, 100, 200, 400, 800, 1600)  # RELAX's N for the convergence curve, below the full N
 # metric: (label, higher is better?)
 METRICS = {
@@ -92,6 +94,7 @@ def explain_all(
     ``decoders`` maps objectives (``nem``, ``nem-contrastive``, ``relax``) to trained NEM-U models on
     ``encoder``; decoder methods whose objective is missing are skipped. Each method is warmed up on one
     image, then timed over all N (wall clock; U-RELAX comes from RELAX's run and shares its time).
+    ``methods`` may also name the :data:`UNCERTAINTIES`: from RELAX's run and from the ``relax`` decoder's pass.
     """
     maps: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
@@ -105,9 +108,11 @@ def explain_all(
         if objective in decoders:
             model = decoders[objective].eval()
             runners[name] = (lambda m: lambda xb: m.explain(xb)[1][:, 0])(model)
-    todo = [m for m in methods if m in runners or m in ("RELAX", "U-RELAX")]
+    if "relax" in decoders:
+        runners["amortised RELAX uncertainty"] = lambda xb: decoders["relax"].eval().explain(xb)[2][:, 0]
+    todo = [m for m in methods if m in runners or m in ("RELAX", "U-RELAX", "RELAX uncertainty")]
     for name in tqdm(todo, desc="methods", disable=not progress):
-        if name == "U-RELAX":
+        if name in ("U-RELAX", "RELAX uncertainty"):
             continue  # from RELAX's run
         if name == "RELAX":
             relax(encoder, x[:1], n_masks=100, seed=seed)  # warm-up
@@ -117,6 +122,8 @@ def explain_all(
             if "U-RELAX" in methods:
                 maps["U-RELAX"] = (result.importance * result.u_relax_mask).float().cpu()
                 seconds["U-RELAX"] = sec
+            if "RELAX uncertainty" in methods:
+                maps["RELAX uncertainty"], seconds["RELAX uncertainty"] = result.uncertainty.float().cpu(), sec
             continue
         with torch.inference_mode(name not in ("label-free gradient", "label-free IG")):
             runners[name](x[:1])  # warm-up
@@ -218,28 +225,6 @@ def where_the_maximum_is(maps: Tensor, objects: Tensor, plateau: float = 0.01, t
             "plateau pixels (median)": flat.sum(1).double().median().item(),
             "plateau share on object": ((flat & g).sum(1) / flat.sum(1)).double().mean().item(),
             "top 1 % share on object": g.gather(1, top_k).double().mean().item()}
-
-
-def level_and_pattern(reference: Tensor, maps: Tensor) -> dict[str, float]:
-    """How a map predicts RELAX's ``reference`` in its two parts, each ``(N, H, W)``: level and pattern.
-
-    The *level* of a map is its mean over the image (for RELAX: the average similarity of the masked copies),
-    the *pattern* its variation around that level. Returns
-
-    - ``"level r"``: Pearson r across the N images between the maps' levels and the reference's;
-    - ``"level"``, ``"reference level"``: the mean level over all images;
-    - ``"spread"``, ``"reference spread"``: the mean over images of the standard deviation within an image.
-
-    The pattern's agreement within an image is the Pearson fidelity of :func:`score_maps`.
-
-    >>> r = level_and_pattern(torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]]]), torch.tensor([[[0.0, 4.0]], [[3.0, 3.0]]]))
-    >>> round(r["level r"], 6), r["level"], r["reference level"]
-    (1.0, 2.5, 3.0)
-    """
-    ref, a = reference.flatten(1).double(), maps.flatten(1).double()  # (N, n)
-    return {"level r": torch.corrcoef(torch.stack([ref.mean(1), a.mean(1)]))[0, 1].item(),
-            "level": a.mean().item(), "reference level": ref.mean().item(),
-            "spread": a.std(1).mean().item(), "reference spread": ref.std(1).mean().item()}
 
 
 def relax_convergence(

@@ -7,10 +7,11 @@ It loads (or trains) the encoder and its three NEM-U decoders (:mod:`nemu_lib.ru
 ``eval_images`` test scenes with every method (:func:`nemu_lib.evaluation.explain_all`), scores them
 against the main object's mask and against RELAX, measures RELAX's convergence and noise ceiling on the
 first ``ceiling_images`` of them, runs the model randomisation test on those too (the same methods on a
-randomly initialised encoder of the same architecture; the NEM-U decoders stay the trained ones), and
-scores RELAX's reference mode on mosaics. What depends on the encoder alone (RELAX at N = 3,000 is most of
-the cost) is saved in ``outputs/evaluation`` and reused while the encoder and the sizes stay the same, so
-the notebook and the bench share one run; the decoders' maps (one pass each) are computed on every call,
+randomly initialised encoder of the same architecture, the NEM-U decoders applied as trained; and, stricter,
+a NEM-U decoder trained on the random encoder itself), and scores RELAX's reference mode on mosaics. RELAX
+runs with ``eval_relax_masks`` masks. What depends on the encoder alone (RELAX is most of the cost) is
+saved in ``outputs/evaluation`` and reused while the encoder and the sizes stay the same, so the notebook
+and the bench share one run; the decoders' maps (one pass each) are computed on every call,
 so retraining a decoder never runs RELAX again.
 
 Notebook 04 also draws on the parts: :func:`mosaic_maps` (one mosaic's four reference-mode maps),
@@ -30,17 +31,18 @@ from torch import Tensor, nn
 
 from . import evaluation as ev
 from . import metrics
+from .budget import announce, forward_gflops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Profile, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
 from .data import load_split, mosaic, normalize
-from .encoders import build_encoder
+from .encoders import Encoder, build_encoder
 from .nem import encoder_fingerprint
 from .relax import relax
 from .runs import RUN_NAMES, pretrained_nemu
 from .ssl import pretrained_encoder
 
-CACHE_VERSION = 2  # bump when what the cache holds, or how it is computed, changes
+CACHE_VERSION = 3  # bump when what the cache holds, or how it is computed, changes
 
 
 @dataclass
@@ -54,7 +56,10 @@ class EncoderEvaluation:
         scores: ``{method: {metric: (N,)}}``; rows: the summary table (:func:`nemu_lib.evaluation.summarize`).
         ns, convergence: fidelity of an independent RELAX with N masks to the reference ``(len(ns), n)``.
         worth: ``{decoder method: N}`` at which RELAX's fidelity reaches the method's.
-        sanity: ``{method: Spearman ρ (n,)}`` between maps of the trained and a random encoder.
+        sanity: ``{method: Spearman ρ (n,)}`` between maps of the trained and a random encoder; the key
+            :data:`RETRAINED` holds NEM-U's with a decoder trained on the random encoder.
+        uncertainty: ``{"RELAX": (N, H, W), "amortised RELAX": (N, H, W)}``: RELAX's uncertainty and the
+            amortised decoder's prediction of it (in units of each scene's variance of s_k).
         mosaic_share, mosaic_top: RELAX in reference mode on 2x2 mosaics: share of the importance above the
             map's minimum on the queried tile (chance 0.25), and whether that tile ranks first, per query.
     """
@@ -73,6 +78,12 @@ class EncoderEvaluation:
     sanity: dict[str, Tensor] = field(default_factory=dict)
     mosaic_share: Tensor | None = None
     mosaic_top: Tensor | None = None
+    uncertainty: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def uncertainty_fidelity(self) -> Tensor:
+        """Per-scene Pearson r ``(N,)`` between the amortised decoder's uncertainty and RELAX's."""
+        return metrics.pearson(self.uncertainty["amortised RELAX"].double(), self.uncertainty["RELAX"].double())
 
     @property
     def markdown(self) -> str:
@@ -92,6 +103,7 @@ class EncoderEvaluation:
 
 
 ENCODER_METHODS = tuple(m for m in ev.METHODS if m not in ev.DECODER_METHODS)  # what the cache holds
+RETRAINED = "NEM-U (decoder retrained)"  # the stricter randomisation test: a decoder fitted to the random encoder
 
 
 def cache_path(encoder_kind: str, profile: Profile, seed: int = 0) -> Path:
@@ -103,7 +115,7 @@ def cache_key(encoder: nn.Module, random_encoder: nn.Module, profile: Profile, s
     """What the saved maps depend on: both encoders' weights, the evaluation's sizes, the seed."""
     e = profile.extra
     parts = (CACHE_VERSION, encoder_fingerprint(encoder), encoder_fingerprint(random_encoder), e["eval_images"],
-             e["relax_masks"], e["ceiling_images"], e["ig_steps"], e["mosaics"], seed)
+             e["eval_relax_masks"], e["ceiling_images"], e["ig_steps"], e["mosaics"], seed)
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -169,8 +181,9 @@ def randomised_maps(encoder_kind: str, profile: str | Profile | None, images: Te
     """Every method's maps of ``images (B, 3, H, W)`` (in [0, 1]) for the randomly initialised encoder of the
     randomisation test, built as :func:`evaluate_encoder` builds it: ``{method: (B, H, W)}`` on the CPU.
 
-    The NEM-U decoders are the trained ones of ``encoder_kind``, applied as trained to the random encoder.
-    RELAX uses the profile's ``relax_masks`` unless ``n_masks`` is given.
+    The NEM-U decoders are the trained ones of ``encoder_kind``, applied as trained to the random encoder;
+    :data:`RETRAINED` (if in ``methods``) is the NEM-U decoder trained on the random encoder itself.
+    RELAX uses the profile's ``eval_relax_masks`` unless ``n_masks`` is given.
     """
     p = get_profile(profile)
     dev = default_device(device)
@@ -180,9 +193,23 @@ def randomised_maps(encoder_kind: str, profile: str | Profile | None, images: Te
     random_encoder = random_encoder_like(encoder, seed)
     randomised = {k: ev.with_encoder(d, random_encoder) for k, d in decoders.items()}
     x = normalize(images, encoder.mean, encoder.std).to(dev)
-    maps, _ = ev.explain_all(random_encoder, randomised, x, n_masks=n_masks or p.extra["relax_masks"],
+    maps, _ = ev.explain_all(random_encoder, randomised, x, n_masks=n_masks or p.extra["eval_relax_masks"],
                              ig_steps=p.extra["ig_steps"], seed=seed, methods=methods, progress=False)
+    if RETRAINED in methods:
+        maps[RETRAINED] = _retrained_maps(random_encoder, x, p, seed, dev, progress=False)
     return {m: v.cpu() for m, v in maps.items()}
+
+
+def _retrained_maps(random_encoder: Encoder, x: Tensor, p: Profile, seed: int, dev: torch.device,
+                    progress: bool) -> Tensor:
+    """NEM-U's masks ``(B, H, W)`` from a decoder trained (profile's ``nem`` settings) on ``random_encoder``.
+
+    The random encoder is :func:`nemu_lib.ssl.pretrained_encoder` ``("random")`` (the same seed, the same
+    weights), so its decoder lives in ``outputs/nemu/random-nem-<profile>`` and serves every encoder kind.
+    """
+    model = pretrained_nemu("random", "nem", p, seed=seed, encoder=random_encoder, device=dev, progress=progress)
+    maps, _ = ev.explain_all(random_encoder, {"nem": model}, x, methods=("NEM-U",), progress=False)
+    return maps["NEM-U"]
 
 
 def time_side_by_side(encoder: nn.Module, model: nn.Module, x: Tensor, n_masks: int, seed: int = 0,
@@ -218,7 +245,7 @@ def evaluate_encoder(
     p = get_profile(profile)
     dev = default_device(device)
     e = p.extra
-    n, n_masks, n_ceiling = e["eval_images"], e["relax_masks"], e["ceiling_images"]
+    n, n_masks, n_ceiling = e["eval_images"], e["eval_relax_masks"], e["ceiling_images"]
     encoder = pretrained_encoder(encoder_kind, p, seed=seed, device=dev, progress=progress)
     decoders = {obj: pretrained_nemu(encoder_kind, obj, p, seed=seed, encoder=encoder, device=dev, progress=progress)
                 for obj in RUN_NAMES}
@@ -237,7 +264,11 @@ def evaluate_encoder(
             cached = None
     common = dict(n_masks=n_masks, ig_steps=e["ig_steps"], seed=seed, progress=progress)
     if cached is None:
-        maps, seconds = ev.explain_all(encoder, {}, x, methods=ENCODER_METHODS, **common)
+        if progress:  # RELAX on every scene, its convergence and the random encoder, the mosaics (4x the pixels)
+            copies = (n + 2 * n_ceiling) * n_masks + 4 * 4 * e["mosaics"] * (n_masks // 2)
+            announce(f"{encoder_kind}: the encoder-only maps ({copies:,} masked copies for RELAX)",
+                     forward_gflops(encoder, x[:1]), infer_images=copies, calls=copies // 100, device=dev)
+        maps, seconds = ev.explain_all(encoder, {}, x, methods=(*ENCODER_METHODS, "RELAX uncertainty"), **common)
         seconds["encoder"] = metrics.time_per_image(encoder.eval(), x[:64], repeats=5).seconds_per_image
         ns, convergence = ev.relax_convergence(encoder, x[:n_ceiling], maps["RELAX"][:n_ceiling].to(dev),
                                                n_masks=tuple(k for k in ev.CONVERGENCE_NS if k < n_masks) + (n_masks,),
@@ -250,7 +281,8 @@ def evaluate_encoder(
 
     # the decoders' maps: one pass each, on the trained encoder and (as trained) on the random one
     decoder_methods = tuple(ev.DECODER_METHODS)
-    decoder_maps, decoder_seconds = ev.explain_all(encoder, decoders, x, methods=decoder_methods, **common)
+    decoder_maps, decoder_seconds = ev.explain_all(encoder, decoders, x,
+                                                   methods=(*decoder_methods, "amortised RELAX uncertainty"), **common)
     randomised = {k: ev.with_encoder(d, random_encoder) for k, d in decoders.items()}
     random_decoder_maps, _ = ev.explain_all(random_encoder, randomised, x[:n_ceiling], methods=decoder_methods,
                                             **common)
@@ -265,12 +297,16 @@ def evaluate_encoder(
     scores["RELAX"].pop("fidelity_spearman")
     trained_sub = {m: v[:n_ceiling] for m, v in maps.items()}
     sanity = ev.sanity_check(trained_sub, random_maps)
+    retrained = _retrained_maps(random_encoder, x[:n_ceiling], p, seed, dev, progress)
+    sanity[RETRAINED] = ev.sanity_check({"NEM-U": trained_sub["NEM-U"]}, {"NEM-U": retrained})["NEM-U"]
+    uncertainty = {"RELAX": cached["maps"]["RELAX uncertainty"],
+                   "amortised RELAX": decoder_maps["amortised RELAX uncertainty"]}
     fidelity = ev.mean_fidelity(scores, n_ceiling)
     worth = {m: ev.worth_n_masks(cached["ns"], cached["convergence"], fidelity[m])
              for m in ev.DECODER_METHODS if m in scores}
     return EncoderEvaluation(
         encoder_kind, p.name, images, objects, maps, seconds, scores, ev.summarize(scores, seconds),
-        cached["ns"], cached["convergence"], worth, sanity, cached["mosaic_share"], cached["mosaic_top"],
+        cached["ns"], cached["convergence"], worth, sanity, cached["mosaic_share"], cached["mosaic_top"], uncertainty,
     )
 
 
@@ -283,6 +319,8 @@ def results_record(evaluations: list[EncoderEvaluation]) -> dict:
             "speedup_nemu_vs_relax": r.speedup,
             "relax_noise_ceiling_pearson": float(r.convergence[-1].mean()),
             "nemu_worth_n_masks": r.worth,
+            "amortised_relax_median_pearson": float(r.scores["amortised RELAX"]["fidelity_pearson"].nanmedian()),
+            "amortised_relax_uncertainty_median_pearson": float(r.uncertainty_fidelity.nanmedian()),
             "sanity_median_spearman": {m: float(v.median()) for m, v in r.sanity.items()},
             "mosaic_share_on_queried_tile": float(r.mosaic_share.mean()),
             "mosaic_queried_tile_first": float(r.mosaic_top.float().mean()),

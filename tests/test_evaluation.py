@@ -141,15 +141,6 @@ def test_object_share_and_where_the_maximum_is_by_hand():
     assert st["top 1 % share on object"] == 0.5  # the top max(1, 16 // 100) = 1 pixel: off, then on the object
 
 
-def test_level_and_pattern_by_hand():
-    reference = torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]]])  # levels 2 and 4, spread sqrt(2) in both
-    maps = torch.tensor([[[0.0, 4.0]], [[3.0, 3.0]]])  # levels 2 and 3, spreads sqrt(8) and 0
-    r = ev.level_and_pattern(reference, maps)
-    assert r["level r"] == pytest.approx(1.0)  # two scenes: the levels rise together
-    assert (r["level"], r["reference level"]) == (2.5, 3.0)
-    assert r["spread"] == pytest.approx(math.sqrt(8) / 2) and r["reference spread"] == pytest.approx(math.sqrt(2))
-
-
 def test_mean_fidelity_and_worth_in_words():
     scores = {"a": {"fidelity_pearson": torch.tensor([0.2, math.nan, 0.6, 1.0], dtype=torch.float64)},
               "b": {"complexity": torch.ones(4, dtype=torch.float64)}}

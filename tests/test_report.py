@@ -37,13 +37,25 @@ def test_every_method_is_scored_on_the_profile_sizes(result):
     # RELAX's fidelity row is its independent run's agreement, on the ceiling subset only
     relax_fid = result.scores["RELAX"]["fidelity_pearson"]
     assert torch.isfinite(relax_fid[:n_ceiling]).all() and torch.isnan(relax_fid[n_ceiling:]).all()
-    assert result.ns[-1] == e["relax_masks"] and result.convergence.shape == (len(result.ns), n_ceiling)
+    assert result.ns[-1] == e["eval_relax_masks"] and result.convergence.shape == (len(result.ns), n_ceiling)
     assert set(result.worth) == set(ev.DECODER_METHODS)
-    assert set(result.sanity) == set(ev.METHODS) - {"random"}
+    assert set(result.sanity) == set(ev.METHODS) - {"random"} | {report.RETRAINED}
+    assert all(v.shape == (n_ceiling,) for v in result.sanity.values())
+    assert set(result.uncertainty) == {"RELAX", "amortised RELAX"}
+    assert all(u.shape == (n, 32, 32) and (u >= 0).all() for u in result.uncertainty.values())
+    assert result.uncertainty_fidelity.shape == (n,) and torch.isfinite(result.uncertainty_fidelity).all()
     assert result.mosaic_share.shape == result.mosaic_top.shape == (4 * e["mosaics"],)
     assert ((result.mosaic_share >= 0) & (result.mosaic_share <= 1)).all()
     assert result.seconds["encoder"] > 0 and result.seconds["RELAX"] > result.seconds["encoder"]
     assert "| NEM-U |" in result.markdown
+
+
+def test_the_stricter_randomisation_test_trains_one_decoder_on_the_random_encoder(result, outputs):
+    """The random encoder is pretrained_encoder("random"): its decoder is that kind's own, saved once. Here
+    the evaluated encoder *is* the random one, so the retrained decoder gives NEM-U's own maps: ρ = 1."""
+    assert (outputs / "nemu" / "random-nem-smoke" / "checkpoint.pt").is_file()
+    assert_close(result.sanity[report.RETRAINED], torch.ones(len(result.sanity[report.RETRAINED]),
+                                                              dtype=result.sanity[report.RETRAINED].dtype))
 
 
 def test_the_maps_are_cached_and_reused(result, outputs, monkeypatch):
@@ -89,6 +101,9 @@ def test_results_record_holds_the_table_and_headlines(result):
     assert headline["table"] == result.rows
     assert headline["speedup_nemu_vs_relax"] > 1
     assert -1 <= headline["relax_noise_ceiling_pearson"] <= 1
+    assert headline["amortised_relax_uncertainty_median_pearson"] == float(result.uncertainty_fidelity.nanmedian())
+    assert headline["amortised_relax_median_pearson"] == float(
+        result.scores["amortised RELAX"]["fidelity_pearson"].nanmedian())
 
 
 def test_mosaic_locality_finds_the_tile_an_encoder_reads():
@@ -123,7 +138,8 @@ def test_randomised_maps_are_those_of_the_randomisation_test(result, outputs, mo
     maps = report.randomised_maps("random", "smoke", result.images[:1], device="cpu", methods=methods)
     assert tuple(maps) == methods and all(m.shape == (1, 32, 32) for m in maps.values())
     for method in methods:  # one scene instead of the ceiling subset: RELAX's masks differ, the ρ barely
-        rho = metrics.spearman(result.maps[method][:1], maps[method]).item()
+        trained = result.maps["NEM-U" if method == report.RETRAINED else method][:1]
+        rho = metrics.spearman(trained, maps[method]).item()
         assert abs(rho - result.sanity[method][0].item()) < 0.02, method
     encoder = SmallResNet(widths=(8, 16, 32, 64))
     a, b = report.random_encoder_like(encoder, seed=3), report.random_encoder_like(encoder, seed=3)
