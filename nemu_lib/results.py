@@ -1,9 +1,11 @@
 """Key results: notebooks record their figures of merit; ``make run`` gathers them into one summary.
 
-Each notebook calls ``record("01_encoders", {...})``, which writes ``outputs/results/01_encoders.json``
-atomically. ``python -m nemu_lib.results`` (the end of ``make run``) gathers them into
-``outputs/results.md`` (one table per notebook; notebook 04's evaluation as its method x metric table per
-encoder) and ``outputs/results.json`` (everything, by notebook).
+Each notebook calls ``record("01_encoders", {...}, profile="cpu")``, which writes
+``outputs/results/cpu/01_encoders.json`` atomically: runs of different profiles (``make run`` on a laptop,
+``NEMU_PROFILE=gpu make run`` on a GPU) keep their own records. ``python -m nemu_lib.results`` (the end of
+``make run``) gathers them into ``outputs/results.md`` (one section per profile, one table per notebook;
+notebook 04's evaluation as its method x metric table per encoder) and ``outputs/results.json`` (everything,
+by profile and notebook).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import sys
 from pathlib import Path
 
 from .checkpoint import atomic_write
-from .config import outputs_dir
+from .config import PROFILES, outputs_dir
 from .evaluation import to_markdown
 
 
 def record(name: str, values: dict, profile: str | None = None) -> Path:
-    """Save ``values`` (JSON-serialisable numbers and strings) as the results of ``name``."""
-    path = outputs_dir() / "results" / f"{name}.json"
+    """Save ``values`` (JSON-serialisable numbers and strings) as the results of ``name`` in ``profile``."""
+    path = outputs_dir() / "results" / (profile or "unnamed") / f"{name}.json"
     payload = {"name": name, "profile": profile, "values": values}
     atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2, default=float).encode()))
     return path
@@ -31,33 +33,42 @@ def _cell(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _profiles(folder: Path) -> list[Path]:
+    """``folder/results/<profile>`` folders holding records, in the profiles' order (smoke, cpu, gpu, full)."""
+    order = {name: i for i, name in enumerate(PROFILES)}
+    found = [p for p in (folder / "results").glob("*") if p.is_dir() and any(p.glob("*.json"))]
+    return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
 def summarize(folder: Path) -> str:
-    """Markdown tables of every ``results/*.json`` under ``folder``."""
+    """Markdown tables of every ``results/<profile>/*.json`` under ``folder``, one section per profile."""
     lines = ["# nemu results", ""]
-    files = sorted((folder / "results").glob("*.json"))
-    if not files:
+    profiles = _profiles(folder)
+    if not profiles:
         return "\n".join(lines + ["No results recorded yet: run `make run`."]) + "\n"
-    for path in files:
-        result = json.loads(path.read_text())
-        lines += [f"## {result['name']} (profile: {result.get('profile')})", ""]
-        scalars = {k: v for k, v in result["values"].items() if not isinstance(v, dict)}
-        if scalars:
-            lines += ["| quantity | value |", "|---|---|"]
-            lines += [f"| {key} | {_cell(value)} |" for key, value in scalars.items()]
-            lines.append("")
-        for key, value in result["values"].items():
-            if isinstance(value, dict):  # e.g. notebook 04: one evaluation per encoder
-                lines += [f"### {key}", ""]
-                if "table" in value:
-                    lines += [to_markdown(value["table"]), ""]
-                lines += [f"- {k}: {_cell(v)}" for k, v in value.items() if k != "table"]
+    for profile_dir in profiles:
+        lines += [f"## Profile `{profile_dir.name}`", ""]
+        for path in sorted(profile_dir.glob("*.json")):
+            result = json.loads(path.read_text())
+            lines += [f"### {result['name']} (profile: {result.get('profile')})", ""]
+            scalars = {k: v for k, v in result["values"].items() if not isinstance(v, dict)}
+            if scalars:
+                lines += ["| quantity | value |", "|---|---|"]
+                lines += [f"| {key} | {_cell(value)} |" for key, value in scalars.items()]
                 lines.append("")
+            for key, value in result["values"].items():
+                if isinstance(value, dict):  # e.g. notebook 04: one evaluation per encoder
+                    lines += [f"#### {key}", ""]
+                    if "table" in value:
+                        lines += [to_markdown(value["table"]), ""]
+                    lines += [f"- {k}: {_cell(v)}" for k, v in value.items() if k != "table"]
+                    lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def gather(folder: Path) -> dict:
-    """Every ``results/*.json`` under ``folder``, by name."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted((folder / "results").glob("*.json"))}
+    """Every ``results/<profile>/*.json`` under ``folder``: ``{profile: {notebook: record}}``."""
+    return {d.name: {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} for d in _profiles(folder)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,18 +7,31 @@ from nemu_lib import results
 
 def test_records_become_results_md_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NEMU_OUTPUTS", str(tmp_path))
-    results.record("01_encoders", {"simclr_linear_probe": 0.26123, "trained": True}, profile="cpu")
+    path = results.record("01_encoders", {"simclr_linear_probe": 0.26123, "trained": True}, profile="cpu")
+    assert path == tmp_path / "results" / "cpu" / "01_encoders.json"
     row = {"method": "NEM-U", "seconds_per_image": 0.001, "complexity": 6.5, "complexity_sem": 0.1}
     results.record("04_evaluation", {"simclr": {"table": [row], "speedup_nemu_vs_relax": 2000.0}}, profile="cpu")
     results.main([str(tmp_path)])
     text = (tmp_path / "results.md").read_text()
-    assert "## 01_encoders (profile: cpu)" in text and "| simclr_linear_probe | 0.2612 |" in text
-    assert "### simclr" in text and "| NEM-U |" in text and "6.500 ± 0.100" in text
+    assert "## Profile `cpu`" in text and "### 01_encoders (profile: cpu)" in text
+    assert "| simclr_linear_probe | 0.2612 |" in text
+    assert "#### simclr" in text and "| NEM-U |" in text and "6.500 ± 0.100" in text
     assert "- speedup_nemu_vs_relax: 2000" in text
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["04_evaluation"]["values"]["simclr"]["table"] == [row]
-    assert data["01_encoders"]["profile"] == "cpu"
+    assert data["cpu"]["04_evaluation"]["values"]["simclr"]["table"] == [row]
+    assert data["cpu"]["01_encoders"]["profile"] == "cpu"
     assert "NEM-U" in capsys.readouterr().out
+
+
+def test_each_profile_keeps_its_own_table(tmp_path, monkeypatch):
+    """A gpu run beside a cpu run: two sections, cpu first (the profiles' order), neither overwritten."""
+    monkeypatch.setenv("NEMU_OUTPUTS", str(tmp_path))
+    results.record("01_encoders", {"simclr_linear_probe": 0.61}, profile="gpu")
+    results.record("01_encoders", {"simclr_linear_probe": 0.33}, profile="cpu")
+    text = results.summarize(tmp_path)
+    assert text.index("## Profile `cpu`") < text.index("## Profile `gpu`")
+    assert "| simclr_linear_probe | 0.33 |" in text and "| simclr_linear_probe | 0.61 |" in text
+    assert set(results.gather(tmp_path)) == {"cpu", "gpu"}
 
 
 def test_no_records_yet(tmp_path):
