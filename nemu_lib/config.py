@@ -43,9 +43,9 @@ class Profile:
 
     ``extra`` holds the later chapters' sizes: RELAX's ``relax_masks`` (N) and ``relax_images`` (notebook 02);
     the NEM-U decoders' ``nemu_steps``, ``nemu_batch_size``, ``nemu_lr``, ``nemu_contrastive_steps``,
-    ``nemu_relax_steps`` and ``nemu_relax_lr`` (:func:`nemu_lib.runs.profile_config`); the evaluation's
-    ``eval_relax_masks`` (the reference RELAX's N), ``eval_images`` (held-out scenes), ``ceiling_images``
-    (RELAX's convergence and the randomisation test),
+    ``nemu_contrastive_eps``, ``nemu_relax_steps`` and ``nemu_relax_lr`` (:func:`nemu_lib.runs.profile_config`);
+    the evaluation's ``eval_relax_masks`` (the reference RELAX's N), ``eval_images`` (held-out scenes),
+    ``ceiling_images`` (RELAX's convergence and the randomisation test),
     ``ig_steps``, ``deletion_steps`` and ``mosaics`` (:func:`nemu_lib.report.evaluate_encoder`); Network Dissection's
     ``dissection_images`` and ``dissection_rotations`` (notebook 05); the explainer networks' ``explainer_steps``
     and ``explainer_batch_size`` (notebook 06, :class:`nemu_lib.explainer.ExplainerConfig`).
@@ -84,7 +84,8 @@ PROFILES: dict[str, Profile] = {
         temperature=0.2,
         knn_k=5,
         extra={"relax_masks": 300, "relax_images": 4, "nemu_steps": 4, "nemu_batch_size": 16, "nemu_lr": 1e-2,
-               "nemu_contrastive_steps": 1, "nemu_relax_steps": 2, "nemu_relax_lr": 3e-3,
+               "nemu_contrastive_steps": 1, "nemu_contrastive_eps": 0.3,
+               "nemu_relax_steps": 2, "nemu_relax_lr": 3e-3,
                "eval_relax_masks": 300,
                "eval_images": 8, "ceiling_images": 4, "ig_steps": 4, "deletion_steps": 8, "mosaics": 1,
                "dissection_images": 64, "dissection_rotations": 1,
@@ -104,7 +105,8 @@ PROFILES: dict[str, Profile] = {
         temperature=0.2,
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 8, "nemu_steps": 600, "nemu_batch_size": 32, "nemu_lr": 1e-2,
-               "nemu_contrastive_steps": 150, "nemu_relax_steps": 300, "nemu_relax_lr": 3e-3,
+               "nemu_contrastive_steps": 150, "nemu_contrastive_eps": 0.3,
+               "nemu_relax_steps": 300, "nemu_relax_lr": 3e-3,
                "eval_relax_masks": 1000,
                "eval_images": 100, "ceiling_images": 32, "ig_steps": 32, "deletion_steps": 16, "mosaics": 2,
                "dissection_images": 1000, "dissection_rotations": 3,
@@ -124,7 +126,8 @@ PROFILES: dict[str, Profile] = {
         temperature=0.2,
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 16, "nemu_steps": 2000, "nemu_batch_size": 64, "nemu_lr": 1e-2,
-               "nemu_contrastive_steps": 500, "nemu_relax_steps": 1000, "nemu_relax_lr": 3e-3,
+               "nemu_contrastive_steps": 500, "nemu_contrastive_eps": 0.3,
+               "nemu_relax_steps": 1000, "nemu_relax_lr": 3e-3,
                "eval_relax_masks": 3000,
                "eval_images": 300, "ceiling_images": 48, "ig_steps": 32, "deletion_steps": 32, "mosaics": 8,
                "dissection_images": 2000, "dissection_rotations": 3,
@@ -144,7 +147,8 @@ PROFILES: dict[str, Profile] = {
         temperature=0.2,
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 32, "nemu_steps": 5000, "nemu_batch_size": 128, "nemu_lr": 1e-2,
-               "nemu_contrastive_steps": 1250, "nemu_relax_steps": 2500, "nemu_relax_lr": 3e-3,
+               "nemu_contrastive_steps": 1250, "nemu_contrastive_eps": 0.3,
+               "nemu_relax_steps": 2500, "nemu_relax_lr": 3e-3,
                "eval_relax_masks": 3000,
                "eval_images": 1000, "ceiling_images": 200, "ig_steps": 64, "deletion_steps": 32, "mosaics": 16,
                "dissection_images": 5000, "dissection_rotations": 5,

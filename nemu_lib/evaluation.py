@@ -202,7 +202,14 @@ def where_the_maximum_is(maps: Tensor, objects: Tensor, plateau: float = 0.01, t
 
     Returns the means over the N maps of
 
-    - ``"argmax on border"``: whether the (first) maximum lies on the image's outermost ring of pixels;
+    - ``"argmax on border"``: whether the maximum lies on the image's outermost ring of pixels *only*: when
+      several pixels share the maximum, one of them off the ring counts as off the border. A mask upsampled
+      bilinearly (``align_corners=False``) from coarser logits repeats its edge values on the outer rows and
+      columns (NEM-U's x4: the two outermost), and the first index of such a tie, what ``argmax`` returns,
+      lies on the ring at the top and left edges but not at the bottom and right: counting it would make the
+      share change when the maps are flipped;
+    - ``"max within 2 px of the edge"``: the same for the two outermost rows and columns (where such a tie
+      lies whole);
     - ``"plateau pixels (median)"``: the median over maps of the plateau's size, the pixels within ``plateau``
       of the map's range from its maximum, a >= max a - plateau (max a - min a);
     - ``"plateau share on object"``: the share of the plateau's pixels on the object;
@@ -213,15 +220,17 @@ def where_the_maximum_is(maps: Tensor, objects: Tensor, plateau: float = 0.01, t
     (0.0, 1.0)
     """
     a = maps.flatten(1).double()  # (N, n)
-    side = maps.shape[-1]
-    best = a.argmax(1)
-    row, col = best // side, best % side
-    border = (row == 0) | (col == 0) | (row == maps.shape[-2] - 1) | (col == side - 1)
+    h, w = maps.shape[-2:]
+    row, col = torch.arange(h, device=a.device)[:, None], torch.arange(w, device=a.device)[None, :]
+    edge = torch.minimum(torch.minimum(row, h - 1 - row), torch.minimum(col, w - 1 - col)).flatten()  # (n,) to the edge
     lo, hi = a.min(1, keepdim=True).values, a.max(1, keepdim=True).values
+    at_max = a == hi  # (N, n) every pixel that reaches the maximum
+    border, near_edge = (~(at_max & (edge >= k)).any(1) for k in (1, 2))  # the maximum only on the outer k px
     flat = a >= hi - plateau * (hi - lo)  # (N, n) the plateau
     g = objects.flatten(1).bool().to(a.device)
     top_k = a.topk(max(1, int(a.shape[1] * top + 1e-9)), dim=1).indices  # (N, k) the top pixels
     return {"argmax on border": border.double().mean().item(),
+            "max within 2 px of the edge": near_edge.double().mean().item(),
             "plateau pixels (median)": flat.sum(1).double().median().item(),
             "plateau share on object": ((flat & g).sum(1) / flat.sum(1)).double().mean().item(),
             "top 1 % share on object": g.gather(1, top_k).double().mean().item()}

@@ -141,6 +141,21 @@ def test_object_share_and_where_the_maximum_is_by_hand():
     assert st["top 1 % share on object"] == 0.5  # the top max(1, 16 // 100) = 1 pixel: off, then on the object
 
 
+def test_where_the_maximum_is_counts_ties_off_the_border():
+    """A maximum shared by a border pixel and an inner one (bilinear upsampling repeats the edge values) is not
+    on the border, whichever edge it touches: the share does not change when the maps are flipped."""
+    maps = torch.zeros(4, 6, 6)
+    maps[0, 0:2, 0:2] = 1.0  # a 2 x 2 tie in the top-left corner: argmax's first index is (0, 0), on the ring
+    maps[1, 4:6, 4:6] = 1.0  # the same tie in the bottom-right corner: argmax's first index (4, 4) is off it
+    maps[2, 0, 3] = 1.0  # a maximum on the ring alone
+    maps[3, 2, 2] = 1.0  # inside
+    objects = torch.zeros(4, 6, 6, dtype=torch.bool)
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        st = ev.where_the_maximum_is(maps.flip(dims) if dims else maps, objects)
+        assert st["argmax on border"] == 0.25, dims  # map 2 only
+        assert st["max within 2 px of the edge"] == 0.75, dims  # maps 0, 1 and 2
+
+
 def test_mean_fidelity_and_worth_in_words():
     scores = {"a": {"fidelity_pearson": torch.tensor([0.2, math.nan, 0.6, 1.0], dtype=torch.float64)},
               "b": {"complexity": torch.ones(4, dtype=torch.float64)}}

@@ -34,6 +34,7 @@ def _weights(model: NEMU) -> dict:
 def test_profile_config_of_the_cpu_profile(objective, steps, lr):
     cfg = runs.profile_config(objective, "cpu", seed=4)
     assert (cfg.objective, cfg.steps, cfg.lr, cfg.batch_size, cfg.seed) == (objective, steps, lr, 32, 4)
+    assert cfg.eps == (0.3 if objective == "nem-contrastive" else 0.01)  # the others keep TrainConfig's default
 
 
 def test_every_profile_has_the_decoder_settings():
