@@ -311,7 +311,7 @@ def evaluate_encoder(
 
 
 def results_record(evaluations: list[EncoderEvaluation]) -> dict:
-    """What ``outputs/results/04_evaluation.json`` holds: the table per encoder and the headline figures."""
+    """What ``outputs/results/<profile>/04_evaluation.json`` holds: the table per encoder and the headline figures."""
     out: dict = {}
     for r in evaluations:
         out[r.encoder_kind] = {
