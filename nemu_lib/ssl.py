@@ -154,17 +154,22 @@ def train_simclr(
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    augment: dict | None = None,
 ) -> list[float]:
-    """SimCLR-pretrain ``encoder`` in place on ``images (N, 3, H, W)`` in [0, 1]; return the loss per step."""
+    """SimCLR-pretrain ``encoder`` in place on ``images (N, 3, H, W)`` in [0, 1]; return the loss per step.
+
+    ``augment`` holds keyword arguments of :class:`~nemu_lib.augment.SimCLRAugment` that replace its defaults
+    (e.g. ``{"scale": (0.4, 1.0), "p_blur": 0.8}``); ``None`` keeps them all.
+    """
     _check_unit_images(images)
     dev = next(encoder.parameters()).device
     seed_everything(seed)
-    augment = SimCLRAugment(images.shape[-1], encoder.mean, encoder.std).to(dev)
+    aug = SimCLRAugment(images.shape[-1], encoder.mean, encoder.std, **(augment or {})).to(dev)
     model = nn.ModuleDict({"f": encoder, "g": ProjectionHead(encoder.embed_dim)}).to(dev)
 
     def loss_fn(idx: Tensor) -> Tensor:
         batch = images[idx].to(dev, non_blocking=True)
-        views = torch.cat([augment(batch), augment(batch)])  # (2N, 3, S, S): one pass for both views
+        views = torch.cat([aug(batch), aug(batch)])  # (2N, 3, S, S): one pass for both views
         p1, p2 = model["g"](model["f"](views)).float().chunk(2)
         return nt_xent(p1, p2, temperature)
 
