@@ -228,11 +228,11 @@ MEASURED = {
         "cpu": "~3.6 min on an idle 2-core CPU (+ ~8 min if notebook 01's encoders must be trained first)"},
     "03_nemu": {
         "smoke": "under a minute on an idle CPU",
-        "cpu": "~7 min on a 2-core CPU the first time (training ~5 min), ~1-2 min once the decoders are saved"},
+        "cpu": "~6 min on an idle 2-core CPU the first time (four decoders ~4.6 min), ~1-2 min once they are saved"},
     "04_evaluating_explanations": {
         "smoke": "about a minute on an idle CPU",
-        "cpu": "~27 min on an idle 2-core CPU the first time (RELAX, two supervised decoders), ~9 min once "
-               "outputs/evaluation holds the RELAX maps"},
+        "cpu": "~9 min on an idle 2-core CPU the first time (RELAX N = 1,000 on 2 x 100 scenes, three decoders), "
+               "~1.6 min once outputs/evaluation and outputs/nemu hold them"},
     "05_network_dissection": {
         "smoke": "under a minute",
         "cpu": "~1.5 min on a 2-core CPU (+ ~8 min if notebook 01's encoders must be trained first)"},
