@@ -46,7 +46,7 @@ METHODS = ("NEM-U", "NEM-U contrastive", "amortised RELAX", "RELAX", "U-RELAX", 
 DECODER_METHODS = {"NEM-U": "nem", "NEM-U contrastive": "nem-contrastive", "amortised RELAX": "relax"}
 # not explanations to score, but what explain_all also returns when asked: RELAX's uncertainty (Eq. 4) and the
 # amortised-RELAX decoder's prediction of it
-UNCERTAINTIES = ("RELAX uncertainty", "amortised RELAX uncertainty")
+RELAX_UNCERTAINTY, AMORTISED_UNCERTAINTY = "RELAX uncertainty", "amortised RELAX uncertainty"
 CONVERGENCE_NS = (25, 50, 100, 200, 400, 800, 1600)  # RELAX's N for the convergence curve, below the full N
 # metric: (label, higher is better?)
 METRICS = {
@@ -94,7 +94,8 @@ def explain_all(
     ``decoders`` maps objectives (``nem``, ``nem-contrastive``, ``relax``) to trained NEM-U models on
     ``encoder``; decoder methods whose objective is missing are skipped. Each method is warmed up on one
     image, then timed over all N (wall clock; U-RELAX comes from RELAX's run and shares its time).
-    ``methods`` may also name the :data:`UNCERTAINTIES`: from RELAX's run and from the ``relax`` decoder's pass.
+    ``methods`` may also name :data:`RELAX_UNCERTAINTY` (from RELAX's run) and :data:`AMORTISED_UNCERTAINTY`
+    (from the ``relax`` decoder's pass).
     """
     maps: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
@@ -109,10 +110,10 @@ def explain_all(
             model = decoders[objective].eval()
             runners[name] = (lambda m: lambda xb: m.explain(xb)[1][:, 0])(model)
     if "relax" in decoders:
-        runners["amortised RELAX uncertainty"] = lambda xb: decoders["relax"].eval().explain(xb)[2][:, 0]
-    todo = [m for m in methods if m in runners or m in ("RELAX", "U-RELAX", "RELAX uncertainty")]
+        runners[AMORTISED_UNCERTAINTY] = lambda xb: decoders["relax"].eval().explain(xb)[2][:, 0]
+    todo = [m for m in methods if m in runners or m in ("RELAX", "U-RELAX", RELAX_UNCERTAINTY)]
     for name in tqdm(todo, desc="methods", disable=not progress):
-        if name in ("U-RELAX", "RELAX uncertainty"):
+        if name in ("U-RELAX", RELAX_UNCERTAINTY):
             continue  # from RELAX's run
         if name == "RELAX":
             relax(encoder, x[:1], n_masks=100, seed=seed)  # warm-up
@@ -122,8 +123,8 @@ def explain_all(
             if "U-RELAX" in methods:
                 maps["U-RELAX"] = (result.importance * result.u_relax_mask).float().cpu()
                 seconds["U-RELAX"] = sec
-            if "RELAX uncertainty" in methods:
-                maps["RELAX uncertainty"], seconds["RELAX uncertainty"] = result.uncertainty.float().cpu(), sec
+            if RELAX_UNCERTAINTY in methods:
+                maps[RELAX_UNCERTAINTY], seconds[RELAX_UNCERTAINTY] = result.uncertainty.float().cpu(), sec
             continue
         with torch.inference_mode(name not in ("label-free gradient", "label-free IG")):
             runners[name](x[:1])  # warm-up

@@ -268,7 +268,7 @@ def evaluate_encoder(
             copies = (n + 2 * n_ceiling) * n_masks + 4 * 4 * e["mosaics"] * (n_masks // 2)
             announce(f"{encoder_kind}: the encoder-only maps ({copies:,} masked copies for RELAX)",
                      forward_gflops(encoder, x[:1]), infer_images=copies, calls=copies // 100, device=dev)
-        maps, seconds = ev.explain_all(encoder, {}, x, methods=(*ENCODER_METHODS, "RELAX uncertainty"), **common)
+        maps, seconds = ev.explain_all(encoder, {}, x, methods=(*ENCODER_METHODS, ev.RELAX_UNCERTAINTY), **common)
         seconds["encoder"] = metrics.time_per_image(encoder.eval(), x[:64], repeats=5).seconds_per_image
         ns, convergence = ev.relax_convergence(encoder, x[:n_ceiling], maps["RELAX"][:n_ceiling].to(dev),
                                                n_masks=tuple(k for k in ev.CONVERGENCE_NS if k < n_masks) + (n_masks,),
@@ -282,7 +282,7 @@ def evaluate_encoder(
     # the decoders' maps: one pass each, on the trained encoder and (as trained) on the random one
     decoder_methods = tuple(ev.DECODER_METHODS)
     decoder_maps, decoder_seconds = ev.explain_all(encoder, decoders, x,
-                                                   methods=(*decoder_methods, "amortised RELAX uncertainty"), **common)
+                                                   methods=(*decoder_methods, ev.AMORTISED_UNCERTAINTY), **common)
     randomised = {k: ev.with_encoder(d, random_encoder) for k, d in decoders.items()}
     random_decoder_maps, _ = ev.explain_all(random_encoder, randomised, x[:n_ceiling], methods=decoder_methods,
                                             **common)
@@ -299,8 +299,8 @@ def evaluate_encoder(
     sanity = ev.sanity_check(trained_sub, random_maps)
     retrained = _retrained_maps(random_encoder, x[:n_ceiling], p, seed, dev, progress)
     sanity[RETRAINED] = ev.sanity_check({"NEM-U": trained_sub["NEM-U"]}, {"NEM-U": retrained})["NEM-U"]
-    uncertainty = {"RELAX": cached["maps"]["RELAX uncertainty"],
-                   "amortised RELAX": decoder_maps["amortised RELAX uncertainty"]}
+    uncertainty = {"RELAX": cached["maps"][ev.RELAX_UNCERTAINTY],
+                   "amortised RELAX": decoder_maps[ev.AMORTISED_UNCERTAINTY]}
     fidelity = ev.mean_fidelity(scores, n_ceiling)
     worth = {m: ev.worth_n_masks(cached["ns"], cached["convergence"], fidelity[m])
              for m in ev.DECODER_METHODS if m in scores}

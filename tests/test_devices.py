@@ -363,6 +363,22 @@ def test_rotated_units_follow_an_encoder_on_another_device(monkeypatch):
 
 # -------------------------------------------------------------------------------------------- evaluation
 
+def test_explain_all_gives_both_uncertainties_and_where_the_maximum_is_reads_maps_on_any_device(device):
+    encoder, x = _encoder(device), _images(device)
+    _, gt = _maps(device)
+    torch.manual_seed(1)
+    decoders = {"relax": NEMU(encoder, uncertainty=True).to(device)}
+    methods = ("RELAX", evaluation.RELAX_UNCERTAINTY, evaluation.AMORTISED_UNCERTAINTY)
+    with stray_tensor_guard():
+        maps, _ = evaluation.explain_all(encoder, decoders, x, n_masks=8, methods=methods, progress=False)
+        where = evaluation.where_the_maximum_is(maps["RELAX"].to(device), gt)
+    assert tuple(maps) == methods
+    for name, m in maps.items():
+        assert m.device.type == "cpu" and m.dtype == torch.float32 and m.shape == (2, SIZE, SIZE), name
+    assert (maps[evaluation.RELAX_UNCERTAINTY] >= 0).all() and (maps[evaluation.AMORTISED_UNCERTAINTY] > 0).all()
+    assert all(0 <= v <= SIZE * SIZE for v in where.values())
+
+
 def test_explain_all_and_score_maps_give_their_tables_on_the_cpu(device):
     encoder, x = _encoder(device), _images(device)
     _, gt = _maps(device)
