@@ -11,6 +11,7 @@ fixture adds ``cuda`` where one is present (``make gpu-check``).
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,12 @@ import torch
 torch.set_num_threads(1)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    """A fresh outputs folder per test module (set NEMU_OUTPUTS to it): trained models shared by its tests."""
+    return tmp_path_factory.mktemp("outputs")
 
 
 @pytest.fixture(params=DEVICES)

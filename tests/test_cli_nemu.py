@@ -23,11 +23,6 @@ from nemu_lib.real_data import DatasetUnavailableError
 FAST = ["--profile", "smoke", "--batch-size", "16", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    return tmp_path_factory.mktemp("outputs")
-
-
 @pytest.fixture(autouse=True)
 def _env(outputs, monkeypatch):
     monkeypatch.setenv("NEMU_OUTPUTS", str(outputs))

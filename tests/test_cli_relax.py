@@ -28,11 +28,6 @@ PHOTOS = {"astronaut.png": skimage.data.astronaut, "chelsea.png": skimage.data.c
 NAMES = ("astronaut", "chelsea", "coffee")
 
 
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    return tmp_path_factory.mktemp("outputs")
-
-
 @pytest.fixture(autouse=True)
 def _env(outputs, monkeypatch):
     monkeypatch.setenv("NEMU_OUTPUTS", str(outputs))

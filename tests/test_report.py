@@ -15,11 +15,6 @@ from nemu_lib.nem import NEMU
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    return tmp_path_factory.mktemp("outputs")
-
-
-@pytest.fixture(scope="module")
 def result(outputs):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEMU_OUTPUTS", str(outputs))
