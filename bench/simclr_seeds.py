@@ -17,7 +17,7 @@ cached encoders are left alone.
 
 Usage::
 
-    python bench/simclr_seeds.py --profile cpu                        # seeds 0, 1, 2: ~7 min each on 2 cores
+    python bench/simclr_seeds.py --profile cpu                        # seeds 0, 1, 2: ~5 min each on 2 cores
     python bench/simclr_seeds.py --profile cpu --seeds 1,2 --aug "scale=(0.4,1.0),p_blur=0.8" --json
     python bench/simclr_seeds.py --profile smoke --seeds 0
 """

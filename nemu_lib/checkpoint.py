@@ -66,14 +66,31 @@ def load_checkpoint(
         raise ValueError(f"{path} is not a nemu checkpoint (no 'config' entry)")
     if expect:
         config = ckpt["config"]
-        diff = {k: (config.get(k), v) for k, v in expect.items() if _normalise(config.get(k)) != _normalise(v)}
-        if diff:
-            lines = ", ".join(f"{k}: checkpoint has {have!r}, expected {want!r}" for k, (have, want) in diff.items())
-            raise ValueError(
-                f"checkpoint {path} was built for another model ({lines}); "
-                "build the model with the checkpoint's config or delete the file to retrain"
-            )
+        changes = [c for k, v in expect.items() for c in _changes(k, _normalise(config.get(k)), _normalise(v))]
+        if changes:
+            raise CheckpointMismatch(path, changes)
     return ckpt
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose ``config`` differs from what the caller expects; ``changes`` lists each difference
+    as ``"training.epochs: 12 -> 20"`` (the checkpoint's value, then the expected one)."""
+
+    def __init__(self, path: Path, changes: list[str]) -> None:
+        self.path, self.changes = path, changes
+        super().__init__(f"checkpoint {path} was built for another model ({'; '.join(changes)}); "
+                         "build the model with the checkpoint's config or delete the file to retrain")
+
+
+def _changes(key: str, have: object, want: object) -> list[str]:
+    """The differing leaves of two normalised configs, as ``"key.sub: have -> want"``.
+
+    >>> _changes("training", {"epochs": 12, "lr": 0.002}, {"epochs": 20, "lr": 0.002})
+    ['training.epochs: 12 -> 20']
+    """
+    if isinstance(have, dict) and isinstance(want, dict):
+        return [c for k in {**have, **want} for c in _changes(f"{key}.{k}", have.get(k), want.get(k))]
+    return [] if have == want else [f"{key}: {have!r} -> {want!r}"]
 
 
 def _normalise(value: object) -> object:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointMismatch, load_checkpoint
 from .config import Profile, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
 from .data import NormalizedImages, load_split
@@ -78,8 +78,8 @@ def train_or_load(
     if path.exists() and not retrain:
         try:
             done = load_checkpoint(path, expect=checkpoint_config(model, cfg))["step"]
-        except ValueError as err:  # another encoder or other settings: train afresh (overwrites it)
-            print(f"not reusing {path}: {err}")
+        except CheckpointMismatch as err:  # another encoder or other settings: train afresh (overwrites it)
+            print(f"not reusing {path}: trained with other settings ({'; '.join(err.changes)})")
     start = time.perf_counter()
     history = train(model, images, val_images, cfg, out_dir, ckpt_every=100, val_every=max(1, cfg.steps // 8),
                     resume=done > 0, progress=progress)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .augment import SimCLRAugment
 from .budget import announce, forward_gflops
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 from .config import Profile, autocast, get_profile, grad_scaler, outputs_dir, seed_everything
 from .config import device as default_device
 from .data import SHAPES, load_split
@@ -290,8 +290,8 @@ def pretrained_encoder(
         try:
             return load_encoder(path, image_size=p.image_size, encoder_config=encoder.config,
                                 training=training).to(dev)
-        except ValueError as err:  # trained with other settings: say so, then retrain
-            print(f"retraining {kind}: {err}")
+        except CheckpointMismatch as err:  # trained with other settings: say which, then retrain
+            print(f"retraining {kind}: {path.name} was trained with other settings ({'; '.join(err.changes)})")
     encoder = encoder.to(dev)
     history: list[float] = []
     if kind != "random":

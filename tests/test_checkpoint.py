@@ -119,16 +119,27 @@ def test_expect_mismatch_names_keys(tmp_path):
     with pytest.raises(ValueError) as info:
         load_checkpoint(path, expect={"name": "small_resnet", "image_size": 64, "widths": [8, 16, 32, 128]})
     message = str(info.value)
-    assert "image_size: checkpoint has 32, expected 64" in message
+    assert "image_size: 32 -> 64" in message  # the checkpoint's value, then the expected one
     assert "widths" in message and "128" in message
     assert "name:" not in message  # matching keys are not listed
-    assert str(path) in message
+    assert str(path) in message and "delete the file to retrain" in message
+    assert isinstance(info.value, checkpoint.CheckpointMismatch) and info.value.path == path
 
 
 def test_expect_missing_key_is_a_mismatch(tmp_path):
     path = save_checkpoint(_ckpt(), tmp_path / "m.pt")
-    with pytest.raises(ValueError, match="blocks: checkpoint has None"):
+    with pytest.raises(ValueError, match=r"blocks: None -> \[1, 1, 1, 1\]"):
         load_checkpoint(path, expect={"blocks": [1, 1, 1, 1]})
+
+
+def test_expect_mismatch_lists_only_the_differing_nested_settings(tmp_path):
+    """A retrain message names e.g. ``training.epochs: 12 -> 20``, not two whole config dicts."""
+    training = {"epochs": 12, "lr": 0.002, "temperature": 0.2, "mean": (0.4, 0.5)}
+    path = save_checkpoint({"config": {"training": training}}, tmp_path / "m.pt")
+    with pytest.raises(checkpoint.CheckpointMismatch) as info:
+        load_checkpoint(path, expect={"training": {**training, "epochs": 20, "temperature": 0.1, "extra": 1}})
+    assert info.value.changes == ["training.epochs: 12 -> 20", "training.temperature: 0.2 -> 0.1",
+                                  "training.extra: None -> 1"]
 
 
 @pytest.mark.parametrize("stored, expected", [((8, 16), [8, 16]), ([8, 16], (8, 16)), ((8, 16), (8, 16))])
