@@ -19,9 +19,20 @@ from .config import PROFILES, outputs_dir
 from .evaluation import to_markdown
 
 
+def record_path(name: str, profile: str | None = None) -> Path:
+    """``outputs/results/<profile>/<name>.json``, where :func:`record` keeps ``name``'s results."""
+    return outputs_dir() / "results" / (profile or "unnamed") / f"{name}.json"
+
+
+def recorded(name: str, profile: str | None = None) -> dict:
+    """The values another notebook recorded as ``name`` in ``profile``; ``{}`` if it has not run yet."""
+    path = record_path(name, profile)
+    return json.loads(path.read_text())["values"] if path.is_file() else {}
+
+
 def record(name: str, values: dict, profile: str | None = None) -> Path:
     """Save ``values`` (JSON-serialisable numbers and strings) as the results of ``name`` in ``profile``."""
-    path = outputs_dir() / "results" / (profile or "unnamed") / f"{name}.json"
+    path = record_path(name, profile)
     payload = {"name": name, "profile": profile, "values": values}
     atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2, default=float).encode()))
     return path

@@ -36,8 +36,10 @@ def profile_config(objective: str, profile: str | Profile | None = None, seed: i
     ε = ``nemu_contrastive_eps`` (0.3). The complement term −d(f(x ⊙ m), f(x ⊙ (1 − m))) · (d_keep + ε) is weighted
     by d_keep + ε, and a good mask has d_keep ≈ 0.02: with the objective's default ε = 0.01 its gradient is ~40x
     smaller than α · d_keep's and it changes nothing (cpu profile, 150 steps, 256 test scenes: complement similarity
-    0.940 against plain NEM-U's 0.942 at the same area); ε = 0.3 gives 0.890 at the same area (0.21) and kept
-    similarity (0.951), and 0.883 against 0.936 after 600 steps each;
+    0.940 against plain NEM-U's 0.942 at the same area). With ε = 0.3 and as many steps as NEM-U (cpu: 600) the
+    complement keeps 0.891 against plain NEM-U's 0.927 at the same area (0.19) and kept similarity (0.95); after
+    150 steps only 0.914 (area 0.23). The gpu profile gives it 1,500 of NEM-U's 2,000 steps (a free Colab GPU's
+    budget);
     ``relax`` (amortised RELAX): ``nemu_relax_steps`` at ``nemu_relax_lr`` (its targets, the similarities
     of 16 random masks per scene, are noisy: a lower rate than NEM-U's did at least as well in notebook 03).
     """

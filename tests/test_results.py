@@ -36,3 +36,14 @@ def test_each_profile_keeps_its_own_table(tmp_path, monkeypatch):
 
 def test_no_records_yet(tmp_path):
     assert "No results recorded yet" in results.summarize(tmp_path)
+
+
+def test_a_notebook_reads_another_notebooks_record_of_its_own_profile(tmp_path, monkeypatch):
+    """Notebook 06 quotes notebook 03's figures: from the same profile's record, ``{}`` before 03 has run."""
+    monkeypatch.setenv("NEMU_OUTPUTS", str(tmp_path))
+    assert results.recorded("03_nemu", "cpu") == {}
+    results.record("03_nemu", {"mask_mass_share_over_chance": 2.4}, profile="cpu")
+    results.record("03_nemu", {"mask_mass_share_over_chance": 3.1}, profile="gpu")
+    assert results.recorded("03_nemu", "cpu") == {"mask_mass_share_over_chance": 2.4}
+    assert results.recorded("03_nemu", "gpu") == {"mask_mass_share_over_chance": 3.1}
+    assert results.record_path("03_nemu", "cpu") == tmp_path / "results" / "cpu" / "03_nemu.json"
