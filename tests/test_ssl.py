@@ -685,7 +685,7 @@ def test_random_encoder_saved_and_loaded(outputs):
     assert not _state_equal(other, enc)
 
 
-def test_load_encoder_checks_config(outputs):
+def test_load_encoder_checks_config(outputs, capsys):
     pretrained_encoder("random", "smoke", device="cpu", progress=False)
     path = encoder_path("random", get_profile("smoke"))
     config = torch.load(path, weights_only=True)["config"]["encoder"]
@@ -700,8 +700,13 @@ def test_load_encoder_checks_config(outputs):
     rebuilt = pretrained_encoder("random", changed, device="cpu", progress=False)
     assert rebuilt.config["widths"] == [4, 8, 8, 8]
     assert torch.load(path, weights_only=True)["config"]["encoder"]["widths"] == [4, 8, 8, 8]
+    capsys.readouterr()
     pretrained_encoder("random", dataclasses.replace(changed, lr=1.0), device="cpu", progress=False)
     assert torch.load(path, weights_only=True)["config"]["training"]["lr"] == 1.0
+    # the message names only what changed
+    lr = get_profile("smoke").lr
+    assert capsys.readouterr().out == (f"retraining random: {path.name} was trained with other settings "
+                                       f"(training.lr: {lr!r} -> 1.0)\n")
     with pytest.raises(FileNotFoundError):
         load_encoder(path.with_name("missing.pt"))
 
