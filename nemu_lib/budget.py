@@ -39,10 +39,10 @@ class DeviceSpeed:
 
 SPEEDS: dict[str, DeviceSpeed] = {
     "cpu": DeviceSpeed(
-        "a 2-core CPU", 0.045, 0.035, 0.002,
-        "measured, cpu profile, 2026-11 on an idle CPU: SimCLR 2,500 steps of 64 views in 276 s on the 0.031-GFLOP "
-        "small ResNet (aug included; 0.054 TFLOP/s), 0.045 matching notebooks 03, 04 and 07's training; RELAX at "
-        "N = 3,000 on 400 scenes in ~20 min with channels_last"),
+        "a 2-core CPU", 0.045, 0.07, 0.002,
+        "fit to the notebooks' first runs on an idle 2-core CPU, cpu profile, 2026-11-28 (every estimate within "
+        "0.75-1.35x of its measured time): SimCLR 2,500 steps of 64 views in 276 s on the 0.031-GFLOP small ResNet "
+        "(aug included; 0.054 TFLOP/s), RELAX at 0.35 ms per masked 64-px copy (notebook 02)"),
     "h100": DeviceSpeed(
         "an H100", 27.8, 20.0, 0.004,
         "measured on an H100, 2026-11: SimCLR at batch 512 (1,024 views, 0.48-GFLOP small ResNet, bf16) at "
@@ -223,20 +223,20 @@ MEASURED = {
     "00_setup_and_data": {"smoke": "~15 s", "cpu": "~1 min on a 2-core CPU"},
     "01_self_supervised_encoders": {
         "smoke": "well under a minute",
-        "cpu": "~7 min on a 2-core CPU (SimCLR ~4.6 min of it); ~1 min once the encoders are saved"},
+        "cpu": "~6.5 min on a 2-core CPU (SimCLR ~4.6 min of it); ~1 min once the encoders are saved"},
     "02_relax": {
         "smoke": "well under a minute",
-        "cpu": "~3.6 min on an idle 2-core CPU (+ ~6 min if notebook 01's encoders must be trained first)"},
+        "cpu": "~1.5 min on an idle 2-core CPU (+ ~6 min if notebook 01's encoders must be trained first)"},
     "03_nemu": {
         "smoke": "under a minute on an idle CPU",
-        "cpu": "~6 min on an idle 2-core CPU the first time (four decoders ~4.6 min), ~1-2 min once they are saved"},
+        "cpu": "~4.5 min on an idle 2-core CPU the first time (four decoders ~3.6 min), ~1 min once they are saved"},
     "04_evaluating_explanations": {
         "smoke": "about a minute on an idle CPU",
-        "cpu": "~9 min on an idle 2-core CPU the first time (RELAX N = 1,000 on 2 x 100 scenes, three decoders), "
+        "cpu": "~6 min on an idle 2-core CPU the first time (RELAX N = 1,000 on 2 x 100 scenes, three decoders), "
                "~1.6 min once outputs/evaluation and outputs/nemu hold them"},
     "05_network_dissection": {
         "smoke": "under a minute",
-        "cpu": "~1.5 min on a 2-core CPU (+ ~6 min if notebook 01's encoders must be trained first)"},
+        "cpu": "~1 min on a 2-core CPU (+ ~6 min if notebook 01's encoders must be trained first)"},
     "06_explainer_networks": {
         "smoke": "~15 s",
         "cpu": "~2 min on an idle 2-core CPU (two explainers ~1.2 min), ~1 min once outputs/explainers holds them "

@@ -10,9 +10,9 @@ from nemu_lib import budget
 from nemu_lib.budget import SPEEDS, announce, estimate_seconds, forward_gflops, notebook_seconds
 
 # Wall times of each notebook's first run in the cpu profile on an idle 2-core CPU (budget.MEASURED), minutes.
-MEASURED_CPU_MINUTES = {"00_setup_and_data": 1, "01_self_supervised_encoders": 7, "02_relax": 3.6,
-                        "03_nemu": 6.1, "04_evaluating_explanations": 8.8, "05_network_dissection": 1.5,
-                        "06_explainer_networks": 1.9, "07_your_own_encoder": 5.1}
+MEASURED_CPU_MINUTES = {"00_setup_and_data": 0.7, "01_self_supervised_encoders": 6.3, "02_relax": 1.4,
+                        "03_nemu": 4.4, "04_evaluating_explanations": 5.9, "05_network_dissection": 0.8,
+                        "06_explainer_networks": 2.0, "07_your_own_encoder": 5.1}
 
 
 def test_forward_gflops_of_a_convolution_by_hand():
