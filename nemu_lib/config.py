@@ -99,10 +99,12 @@ PROFILES: dict[str, Profile] = {
         n_test=1000,
         encoder_widths=(16, 32, 64, 128),
         batch_size=32,  # SimCLR's shape probe at 12 epochs: 0.33 vs 0.31 with 64 and 0.29 with 16, in the same time
-        ssl_epochs=20,  # 2,500 steps, ~5 min; with tau 0.1 the probe beats the untrained network by >= 0.08 on
-        supervised_epochs=6,  # seeds 0-2 (+0.089 / +0.088 / +0.121; 12 epochs, tau 0.2: +0.10 / +0.062 / +0.078)
+        # SimCLR: 2,500 steps (~4.6 min) at tau 0.1; its shape probe beats the untrained network by >= 0.08 on seeds
+        # 0-2 (+0.089 / +0.088 / +0.121; 12 epochs at tau 0.2: +0.10 / +0.062 / +0.078; bench/simclr_seeds.py)
+        ssl_epochs=20,
+        supervised_epochs=6,
         lr=2e-3,
-        temperature=0.1,  # bench/simclr_seeds.py
+        temperature=0.1,
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 8, "nemu_steps": 600, "nemu_batch_size": 32, "nemu_lr": 1e-2,
                "nemu_contrastive_steps": 600, "nemu_contrastive_eps": 0.3,
