@@ -163,3 +163,17 @@ def test_time_side_by_side():
     seconds = report.time_side_by_side(encoder, NEMU(encoder).eval(), x, n_masks=200, repeats=2)
     assert list(seconds) == ["encoder", "NEM-U", "RELAX"] and all(s > 0 for s in seconds.values())
     assert seconds["RELAX"] > seconds["encoder"]  # 200 masked copies against one pass
+
+
+def test_saved_maps_are_found_for_the_same_encoder_only(result, outputs, monkeypatch):
+    """``saved_maps`` (bench/amortised_relax_curve.py reads notebook 04's RELAX maps with it): this encoder's
+    saved maps; nothing for other weights or an evaluation that never ran."""
+    monkeypatch.setenv("NEMU_OUTPUTS", str(outputs))
+    smoke = get_profile("smoke")
+    encoder = report.pretrained_encoder("random", smoke, device="cpu", progress=False)
+    saved = report.saved_maps("random", encoder, smoke)
+    assert torch.equal(saved["maps"]["RELAX"], result.maps["RELAX"])
+    assert saved["ns"] == result.ns and torch.equal(saved["convergence"], result.convergence)
+    other = SmallResNet(widths=encoder.config["widths"])  # same architecture, other weights
+    assert report.saved_maps("random", other, smoke) is None
+    assert report.saved_maps("simclr", encoder, smoke) is None  # no evaluation of that kind saved here
