@@ -229,10 +229,10 @@ MEASURED = {
         "cpu": "~1.5 min on an idle 2-core CPU (+ ~6 min if notebook 01's encoders must be trained first)"},
     "03_nemu": {
         "smoke": "under a minute on an idle CPU",
-        "cpu": "~4.5 min on an idle 2-core CPU the first time (four decoders ~3.6 min), ~1 min once they are saved"},
+        "cpu": "~5.5 min on an idle 2-core CPU the first time (four decoders ~4.5 min), ~1 min once they are saved"},
     "04_evaluating_explanations": {
         "smoke": "about a minute on an idle CPU",
-        "cpu": "~6 min on an idle 2-core CPU the first time (RELAX N = 1,000 on 2 x 100 scenes, three decoders), "
+        "cpu": "~8 min on an idle 2-core CPU the first time (RELAX N = 1,000 on 2 x 100 scenes, three decoders), "
                "~1.6 min once outputs/evaluation and outputs/nemu hold them"},
     "05_network_dissection": {
         "smoke": "under a minute",

@@ -108,7 +108,7 @@ PROFILES: dict[str, Profile] = {
         knn_k=20,
         extra={"relax_masks": 3000, "relax_images": 8, "nemu_steps": 600, "nemu_batch_size": 32, "nemu_lr": 1e-2,
                "nemu_contrastive_steps": 600, "nemu_contrastive_eps": 0.3,
-               "nemu_relax_steps": 300, "nemu_relax_lr": 3e-3,
+               "nemu_relax_steps": 600, "nemu_relax_lr": 3e-3,
                "eval_relax_masks": 1000,
                "eval_images": 100, "ceiling_images": 32, "ig_steps": 32, "deletion_steps": 16, "mosaics": 2,
                "dissection_images": 1000, "dissection_rotations": 3,

@@ -42,6 +42,8 @@ def profile_config(objective: str, profile: str | Profile | None = None, seed: i
     budget);
     ``relax`` (amortised RELAX): ``nemu_relax_steps`` at ``nemu_relax_lr`` (its targets, the similarities
     of 16 random masks per scene, are noisy: a lower rate than NEM-U's did at least as well in notebook 03).
+    The cpu profile gives it 600 steps: SimCLR's maps are then worth 104 / 113 / 106 RELAX masks over training
+    seeds 0-2, against 93 / 95 / 92 after 300 (``bench/amortised_relax_curve.py``).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: choose one of {OBJECTIVES}")

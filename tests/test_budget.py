@@ -11,7 +11,7 @@ from nemu_lib.budget import SPEEDS, announce, estimate_seconds, forward_gflops, 
 
 # Wall times of each notebook's first run in the cpu profile on an idle 2-core CPU (budget.MEASURED), minutes.
 MEASURED_CPU_MINUTES = {"00_setup_and_data": 0.7, "01_self_supervised_encoders": 6.3, "02_relax": 1.4,
-                        "03_nemu": 4.4, "04_evaluating_explanations": 5.9, "05_network_dissection": 0.8,
+                        "03_nemu": 5.3, "04_evaluating_explanations": 7.9, "05_network_dissection": 0.8,
                         "06_explainer_networks": 2.0, "07_your_own_encoder": 5.1}
 
 

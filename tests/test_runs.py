@@ -29,7 +29,7 @@ def _weights(model: NEMU) -> dict:
 
 @pytest.mark.parametrize(
     ("objective", "steps", "lr"),
-    [("nem", 600, 1e-2), ("nem-contrastive", 600, 1e-2), ("relax", 300, 3e-3)],  # contrastive: as many as nem
+    [("nem", 600, 1e-2), ("nem-contrastive", 600, 1e-2), ("relax", 600, 3e-3)],  # all as many as nem
 )
 def test_profile_config_of_the_cpu_profile(objective, steps, lr):
     cfg = runs.profile_config(objective, "cpu", seed=4)
