@@ -41,7 +41,7 @@ SPEEDS: dict[str, DeviceSpeed] = {
     "cpu": DeviceSpeed(
         "a 2-core CPU", 0.045, 0.07, 0.002,
         "fit to the notebooks' first runs on an idle 2-core CPU, cpu profile, 2026-11-28 (every estimate within "
-        "0.75-1.35x of its measured time): SimCLR 2,500 steps of 64 views in 276 s on the 0.031-GFLOP small ResNet "
+        "0.75-1.4x of its measured time): SimCLR 2,500 steps of 64 views in 276 s on the 0.031-GFLOP small ResNet "
         "(aug included; 0.054 TFLOP/s), RELAX at 0.35 ms per masked 64-px copy (notebook 02)"),
     "h100": DeviceSpeed(
         "an H100", 27.8, 20.0, 0.004,
