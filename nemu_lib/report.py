@@ -125,12 +125,16 @@ def saved_maps(encoder_kind: str, encoder: nn.Module, profile: Profile, seed: in
     ``{"maps": {method: (N, H, W)}, "ns", "convergence", ...}`` as :func:`evaluate_encoder` wrote it; ``None``
     when nothing is saved or it was made from other weights or sizes (:func:`cache_key`).
     """
-    path = cache_path(encoder_kind, profile, seed)
+    return _load_saved(cache_path(encoder_kind, profile, seed),
+                       cache_key(encoder, random_encoder_like(encoder, seed), profile, seed))
+
+
+def _load_saved(path: Path, key: str) -> dict | None:
+    """The saved maps at ``path`` if they were made under ``key`` (:func:`cache_key`), else ``None``."""
     if not path.exists():
         return None
     try:
-        return load_checkpoint(path, expect={"key": cache_key(encoder, random_encoder_like(encoder, seed), profile,
-                                                               seed)})
+        return load_checkpoint(path, expect={"key": key})
     except ValueError:  # made from another encoder or other sizes
         return None
 
@@ -270,7 +274,8 @@ def evaluate_encoder(
     x = normalize(images, encoder.mean, encoder.std).to(dev)
     random_encoder = random_encoder_like(encoder, seed)  # the same architecture, initialisation only
 
-    cached = None if recompute else saved_maps(encoder_kind, encoder, p, seed)  # else computed (again)
+    path, key = cache_path(encoder_kind, p, seed), cache_key(encoder, random_encoder, p, seed)
+    cached = None if recompute else _load_saved(path, key)  # else computed (again)
     common = dict(n_masks=n_masks, ig_steps=e["ig_steps"], seed=seed, progress=progress)
     if cached is None:
         if progress:  # RELAX on every scene, its convergence and the random encoder, the mosaics (4x the pixels)
@@ -284,10 +289,9 @@ def evaluate_encoder(
                                                seed=seed + 1000, progress=progress)
         random_maps, _ = ev.explain_all(random_encoder, {}, x[:n_ceiling], methods=ENCODER_METHODS, **common)
         mosaic_share, mosaic_top = mosaic_locality(encoder, test["image"][n:n + 64], e["mosaics"], n_masks // 2, seed)
-        cached = {"config": {"key": cache_key(encoder, random_encoder, p, seed)}, "maps": maps, "seconds": seconds,
-                  "ns": ns, "convergence": convergence, "random_maps": random_maps, "mosaic_share": mosaic_share,
-                  "mosaic_top": mosaic_top}
-        save_checkpoint(cached, cache_path(encoder_kind, p, seed))
+        cached = {"config": {"key": key}, "maps": maps, "seconds": seconds, "ns": ns, "convergence": convergence,
+                  "random_maps": random_maps, "mosaic_share": mosaic_share, "mosaic_top": mosaic_top}
+        save_checkpoint(cached, path)
 
     # the decoders' maps: one pass each, on the trained encoder and (as trained) on the random one
     decoder_methods = tuple(ev.DECODER_METHODS)
