@@ -28,11 +28,11 @@ from _common import add_device_arguments, json_quiet
 
 from nemu_lib import evaluation as ev
 from nemu_lib.config import PROFILES, get_profile, seed_everything
-from nemu_lib.data import NormalizedImages, load_split, normalize
+from nemu_lib.data import load_split, normalize
 from nemu_lib.metrics import pearson
 from nemu_lib.nem import NEMU
 from nemu_lib.report import saved_maps
-from nemu_lib.runs import profile_config
+from nemu_lib.runs import profile_config, training_images
 from nemu_lib.ssl import ENCODER_KINDS, pretrained_encoder
 from nemu_lib.train import train
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         reference_u = saved["maps"][ev.RELAX_UNCERTAINTY].double()
         n_ceiling = saved["convergence"].shape[1]
         x = normalize(load_split("test", p)["image"][:len(reference)], encoder.mean, encoder.std).to(args.device)
-        train_split, val_split = load_split("train", p), load_split("val", p)
-        x_train = NormalizedImages(train_split["image"], encoder.mean, encoder.std)
-        x_val = NormalizedImages(val_split["image"][:128], encoder.mean, encoder.std)
+        x_train, x_val = training_images(encoder, p)  # as pretrained_nemu trains the profile's decoder
         cfg = profile_config("relax", p, args.seed)
         cfg = dataclasses.replace(cfg, steps=args.steps or cfg.steps)
         seed_everything(args.seed)  # the decoder's initialisation, as pretrained_nemu draws it

@@ -90,6 +90,17 @@ def train_or_load(
     return history, cfg.steps - done, time.perf_counter() - start
 
 
+def training_images(
+    encoder: Encoder, profile: str | Profile | None = None
+) -> tuple[NormalizedImages, NormalizedImages]:
+    """What the profile's decoders train on: the Shapes training split and the first 128 validation scenes (a
+    fixed set for the validation loss), normalised batch by batch as ``encoder`` expects."""
+    p = get_profile(profile)
+    train_split, val_split = load_split("train", p), load_split("val", p)
+    return (NormalizedImages(train_split["image"], encoder.mean, encoder.std),
+            NormalizedImages(val_split["image"][:128], encoder.mean, encoder.std))
+
+
 def pretrained_nemu(
     encoder_kind: str,
     objective: str = "nem",
@@ -112,9 +123,7 @@ def pretrained_nemu(
     cfg = profile_config(objective, p, seed)
     seed_everything(seed)  # the decoder's initialisation
     model = NEMU(encoder.eval(), uncertainty=objective == "relax").to(dev)
-    train_split, val_split = load_split("train", p), load_split("val", p)
-    x_train = NormalizedImages(train_split["image"], encoder.mean, encoder.std)  # normalised batch by batch
-    x_val = NormalizedImages(val_split["image"][:128], encoder.mean, encoder.std)
+    x_train, x_val = training_images(encoder, p)
     model.history, _, _ = train_or_load(model, x_train, x_val, cfg, run_dir(encoder_kind, objective, p),
                                         progress=progress)
     return model.eval()
