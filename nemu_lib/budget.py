@@ -248,9 +248,25 @@ MEASURED = {
 }
 
 
-def expected_time(notebook: str, profile: object = None, device: str | torch.device | None = None) -> str:
+# With the shipped reference models (nemu_lib.reference: the cpu profile, seed 0), nothing is trained: measured on the
+# same 2-core CPU, a fresh clone's `NEMU_PROFILE=cpu make run`.
+MEASURED_WITH_REFERENCE = {
+    "00_setup_and_data": "~20 s on a 2-core CPU",
+    "01_self_supervised_encoders": "~1 min on a 2-core CPU with the reference encoders",
+    "02_relax": "~1.5 min on a 2-core CPU",
+    "03_nemu": "~1 min on a 2-core CPU with the reference decoders",
+    "04_evaluating_explanations": "~1.6 min on a 2-core CPU with the reference decoders and RELAX maps",
+    "05_network_dissection": "~1 min on a 2-core CPU",
+    "06_explainer_networks": "~1 min on a 2-core CPU with the reference explainers",
+    "07_your_own_encoder": "~40 s on a 2-core CPU with the reference CNN, ViT and decoders",
+}
+
+
+def expected_time(notebook: str, profile: object = None, device: str | torch.device | None = None,
+                  reference: bool = False) -> str:
     """``notebook``'s first-run time in ``profile`` on ``device``, as the notebooks print it: measured
-    (:data:`MEASURED`) where it was, else estimated.
+    (:data:`MEASURED`) where it was, else estimated; ``reference``: when the shipped reference models are used
+    (:mod:`nemu_lib.reference`), the time measured with them (:data:`MEASURED_WITH_REFERENCE`).
 
     >>> expected_time("03_nemu", "gpu", "cpu")
     '~3.4 h on a 2-core CPU (estimated by nemu_lib.budget for a first run)'
@@ -259,6 +275,8 @@ def expected_time(notebook: str, profile: object = None, device: str | torch.dev
 
     p = get_profile(profile)
     speed = device_speed(device)
+    if reference and p.name == "cpu" and speed is SPEEDS["cpu"] and notebook in MEASURED_WITH_REFERENCE:
+        return MEASURED_WITH_REFERENCE[notebook]
     if p.name in MEASURED.get(notebook, {}) and speed is SPEEDS["cpu"]:
         return MEASURED[notebook][p.name]
     seconds = notebook_seconds(p, speed)[notebook]

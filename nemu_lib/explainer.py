@@ -273,6 +273,11 @@ class ExplainerConfig:
     amp: bool = True
 
 
+def checkpoint_config(explainer: Explainer, cfg: ExplainerConfig) -> dict:
+    """What an explainer's checkpoint records and a resumed run must match: the explainer and its training."""
+    return {**explainer.config, "train": dataclasses.asdict(cfg)}
+
+
 def train_explainer(
     explainer: Explainer,
     images: Tensor,
@@ -301,7 +306,7 @@ def train_explainer(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     scaler = grad_scaler(dev, cfg.amp)
     path = Path(out_dir) / CHECKPOINT
-    config = {**explainer.config, "train": dataclasses.asdict(cfg)}
+    config = checkpoint_config(explainer, cfg)
     history: dict[str, list[float]] = {k: [] for k in ("step", "loss", "recon", "filter", "p")}
     start = 0
     if resume:

@@ -9,6 +9,7 @@ README) and then calls :func:`setup`, which
 - makes ``outputs/figures`` and names the notebook's figures ``<number>_<name>.png``
   (:func:`nemu_lib.viz.savefig`);
 - sets plotting defaults;
+- says whether the shipped reference models are used (:mod:`nemu_lib.reference`; ``retrain=True`` trains here);
 - prints one header: profile, device, versions, the expected wall time and where data and outputs go.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, viz
+from . import __version__, reference, viz
 from .budget import expected_time
 from .config import Profile, data_dir, device, get_profile, outputs_dir, seed_everything
 
@@ -43,6 +44,7 @@ def setup(
     seed: int = 0,
     notebook: str = "",
     prefer: str | torch.device | None = None,
+    retrain: bool = False,
 ) -> tuple[Profile, torch.device, Path]:
     """Set a notebook up; return ``(P, dev, out)``: the profile, the device and ``outputs_dir()``.
 
@@ -52,6 +54,8 @@ def setup(
         notebook: the notebook's name, e.g. ``"03_nemu"``: its figures are saved as ``03_<name>.png`` and its
             expected wall time is printed (:func:`nemu_lib.budget.expected_time`: measured, else estimated).
         prefer: the device to use (default: CUDA, else Apple MPS, else CPU).
+        retrain: train every model here instead of loading the shipped reference models
+            (:func:`nemu_lib.reference.set_enabled`); models this session already trained in ``outputs/`` stay.
     """
     if in_colab():
         os.environ.setdefault("NEMU_DATA", f"{COLAB_ROOT}/data")
@@ -63,7 +67,9 @@ def setup(
     viz.use_defaults(prefix=notebook.split("_")[0] if notebook else None)
     print(f"profile {p.name} | device {dev} ({torch.get_num_threads()} CPU threads) | torch {torch.__version__} "
           f"| nemu_lib {__version__}")
+    reference.set_enabled(not retrain)
+    uses_reference, line = reference.status(p.name, seed)
     if notebook:
-        print(f"expected wall time: {expected_time(notebook, p, dev)}")
-    print(f"data    -> {data_dir()}\noutputs -> {out}")
+        print(f"expected wall time: {expected_time(notebook, p, dev, reference=uses_reference)}")
+    print(f"{line}\ndata    -> {data_dir()}\noutputs -> {out}")
     return p, dev, out

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import evaluation as ev
-from . import metrics
+from . import metrics, reference
 from .budget import announce, forward_gflops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Profile, get_profile, outputs_dir, seed_everything
@@ -103,6 +103,7 @@ class EncoderEvaluation:
 
 
 ENCODER_METHODS = tuple(m for m in ev.METHODS if m not in ev.DECODER_METHODS)  # what the cache holds
+TIMING_IMAGES = 4  # scenes on which the methods of saved maps are timed again (timings are never read from a file)
 RETRAINED = "NEM-U (decoder retrained)"  # the stricter randomisation test: a decoder fitted to the random encoder
 
 
@@ -259,8 +260,9 @@ def evaluate_encoder(
     """Evaluate every method on ``encoder_kind``'s explanations of the profile's held-out test scenes.
 
     Sizes from ``profile.extra``: ``eval_images`` scenes, ``relax_masks`` (N), ``ceiling_images`` (RELAX's
-    convergence and the randomisation test), ``ig_steps``, ``deletion_steps``, ``mosaics``. ``recompute``
-    ignores the saved maps in ``outputs/evaluation``.
+    convergence and the randomisation test), ``ig_steps``, ``deletion_steps``, ``mosaics``. The encoder-only maps
+    are saved in ``outputs/evaluation`` (or taken from the shipped reference, :mod:`nemu_lib.reference`);
+    ``recompute`` ignores both.
     """
     p = get_profile(profile)
     dev = default_device(device)
@@ -275,9 +277,15 @@ def evaluate_encoder(
     random_encoder = random_encoder_like(encoder, seed)  # the same architecture, initialisation only
 
     path, key = cache_path(encoder_kind, p, seed), cache_key(encoder, random_encoder, p, seed)
+    if not recompute:  # nothing computed here yet: the shipped reference maps when they match
+        reference.adopt(path, expect={"key": key})
     cached = None if recompute else _load_saved(path, key)  # else computed (again)
     common = dict(n_masks=n_masks, ig_steps=e["ig_steps"], seed=seed, progress=progress)
-    if cached is None:
+    if cached is not None:  # timings are this machine's: the saved maps' methods timed again on a few scenes
+        _, seconds = ev.explain_all(encoder, {}, x[:TIMING_IMAGES], methods=ENCODER_METHODS, **common)
+        seconds["encoder"] = metrics.time_per_image(encoder.eval(), x[:64], repeats=5).seconds_per_image
+        cached["seconds"] = seconds
+    else:
         if progress:  # RELAX on every scene, its convergence and the random encoder, the mosaics (4x the pixels)
             copies = (n + 2 * n_ceiling) * n_masks + 4 * 4 * e["mosaics"] * (n_masks // 2)
             announce(f"{encoder_kind}: the encoder-only maps ({copies:,} masked copies for RELAX)",

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import reference
 from .checkpoint import CheckpointMismatch, load_checkpoint
 from .config import Profile, get_profile, outputs_dir, seed_everything
 from .config import device as default_device
@@ -72,13 +73,16 @@ def train_or_load(
 ) -> tuple[dict[str, list[float]], int, float]:
     """Train ``model`` with ``cfg`` into ``out_dir``, or load the matching checkpoint there.
 
-    A matching checkpoint of fewer steps is resumed; one with other settings (or ``retrain``) is replaced.
+    A matching checkpoint of fewer steps is resumed; one with other settings (or ``retrain``) is replaced. When
+    ``out_dir`` holds none, the shipped reference (:func:`nemu_lib.reference.adopt`) is used if it matches.
 
     Returns:
         ``(history, steps trained in this call, seconds spent training)``.
     """
     path = Path(out_dir) / CHECKPOINT
     done = 0
+    if not retrain:  # nothing trained here yet: the shipped reference decoder when it matches
+        reference.adopt(path, expect=checkpoint_config(model, cfg))
     if path.exists() and not retrain:
         try:
             done = load_checkpoint(path, expect=checkpoint_config(model, cfg))["step"]

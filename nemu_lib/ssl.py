@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import reference
 from .augment import SimCLRAugment
 from .budget import announce, forward_gflops
 from .checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
@@ -257,6 +258,17 @@ def load_encoder(
     return encoder.eval()
 
 
+def encoder_config(kind: str, profile: Profile, seed: int = 0, encoder: Encoder | None = None) -> dict:
+    """What :func:`pretrained_encoder` records with an encoder of ``kind``: architecture, sizes and training."""
+    encoder = encoder or build_encoder("small_resnet", widths=profile.encoder_widths)
+    epochs = {"simclr": profile.ssl_epochs, "supervised": profile.supervised_epochs, "random": 0}[kind]
+    training = {"n_train": profile.n_train, "epochs": epochs, "batch_size": profile.batch_size, "lr": profile.lr,
+                "temperature": profile.temperature if kind == "simclr" else None, "mean": list(encoder.mean),
+                "std": list(encoder.std), "version": TRAINING_VERSION}
+    return {"kind": kind, "profile": profile.name, "image_size": profile.image_size, "seed": seed,
+            "encoder": encoder.config, "training": training}
+
+
 def pretrained_encoder(
     kind: str,
     profile: str | Profile | None = None,
@@ -267,6 +279,9 @@ def pretrained_encoder(
     callback: Callable[[int, float], None] | None = None,
 ) -> Encoder:
     """The small-ResNet encoder of ``kind`` for ``profile``: loaded from ``outputs/encoders`` or trained.
+
+    When nothing is saved there, the shipped reference encoder (:mod:`nemu_lib.reference`, the ``cpu`` profile
+    for seed 0) is taken if it was trained with these settings. ``retrain``: train it here even so.
 
     Kinds: ``simclr`` (self-supervised), ``supervised`` (main-object shape classification) and ``random``
     (initialisation only: the control). Training uses the profile's Shapes training split; the result is
@@ -280,12 +295,10 @@ def pretrained_encoder(
     path = encoder_path(kind, p, seed)
     seed_everything(seed)
     encoder = build_encoder("small_resnet", widths=p.encoder_widths)
-    epochs = {"simclr": p.ssl_epochs, "supervised": p.supervised_epochs, "random": 0}[kind]
-    training = {"n_train": p.n_train, "epochs": epochs, "batch_size": p.batch_size, "lr": p.lr,
-                "temperature": p.temperature if kind == "simclr" else None, "mean": list(encoder.mean),
-                "std": list(encoder.std), "version": TRAINING_VERSION}
-    config = {"kind": kind, "profile": p.name, "image_size": p.image_size, "seed": seed,
-              "encoder": encoder.config, "training": training}
+    config = encoder_config(kind, p, seed, encoder)
+    training = config["training"]
+    if not retrain:  # nothing trained here yet: the shipped reference encoder when it matches
+        reference.adopt(path, expect={k: config[k] for k in ("image_size", "encoder", "training")})
     if path.exists() and not retrain:
         try:
             return load_encoder(path, image_size=p.image_size, encoder_config=encoder.config,
@@ -296,7 +309,7 @@ def pretrained_encoder(
     history: list[float] = []
     if kind != "random":
         data = load_split("train", p)  # the fixed data stream; ``seed`` varies initialisation and order
-        common = dict(epochs=epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, progress=progress,
+        common = dict(epochs=training["epochs"], batch_size=p.batch_size, lr=p.lr, seed=seed, progress=progress,
                       callback=callback)
         if kind == "simclr":
             history = train_simclr(encoder, data["image"], temperature=p.temperature, **common)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from nemu_lib import config, notebook, viz
+from nemu_lib import budget, config, notebook, reference, viz
 from nemu_lib.config import get_profile
 
 
@@ -21,10 +21,25 @@ def test_setup_returns_profile_device_outputs_and_prints_one_header(tmp_path, mo
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("profile smoke | device cpu")
     assert lines[1] == "expected wall time: under a minute on an idle CPU"  # budget.MEASURED
-    assert lines[2:] == [f"data    -> {tmp_path / 'data'}", f"outputs -> {tmp_path / 'out'}"]
+    uses, line = reference.status("smoke", 3)
+    assert not uses and lines[2] == line  # reference models ship for the cpu profile and seed 0 only
+    assert lines[3:] == [f"data    -> {tmp_path / 'data'}", f"outputs -> {tmp_path / 'out'}"]
     a = torch.rand(3)
     notebook.setup("smoke", seed=3, prefer="cpu")
     assert torch.equal(a, torch.rand(3))  # seeded the same way both times
+
+
+def test_setup_retrain_turns_the_reference_models_off_for_the_kernel(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NEMU_OUTPUTS", str(tmp_path))
+    monkeypatch.setattr(reference, "_enabled", None)
+    notebook.setup("cpu", notebook="03_nemu", prefer="cpu", retrain=True)
+    assert not reference.enabled()
+    out = capsys.readouterr().out
+    assert "every model is trained here" in out and budget.MEASURED["03_nemu"]["cpu"] in out
+    notebook.setup("cpu", notebook="03_nemu", prefer="cpu")
+    assert reference.enabled()
+    with_reference = budget.expected_time("03_nemu", "cpu", "cpu", reference=True)
+    assert (with_reference in capsys.readouterr().out) == bool(reference.manifest()["files"])
 
 
 def test_setup_estimates_the_time_nobody_measured(tmp_path, monkeypatch, capsys):
