@@ -83,6 +83,7 @@ def fit(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     amp: bool = True,
+    stop_at: int | None = None,
 ) -> list[float]:
     """Train ``model``'s parameters with AdamW and a cosine schedule (5 % linear warm-up).
 
@@ -91,7 +92,8 @@ def fit(
     and NT-Xent want full batches). With ``amp``, on CUDA the forward runs under autocast (bf16, or fp16 with
     loss scaling on GPUs older than Ampere: :func:`nemu_lib.config.autocast`); on other devices an outer
     ``torch.autocast`` is left in force. Returns the loss of
-    every step; ``callback(step, loss)`` sees them live.
+    every step; ``callback(step, loss)`` sees them live. ``stop_at`` ends the run after that many steps, with the
+    schedule of the whole run: the first steps of a long run, retraced.
     """
     if n < 1 or batch_size < 1 or epochs < 1:
         raise ValueError(f"nothing to train: {n} samples, batch size {batch_size}, {epochs} epochs")
@@ -114,10 +116,13 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
     model.train()
-    with tqdm(total=total, desc=desc, disable=not progress) as bar:
+    end = total if stop_at is None else min(stop_at, total)
+    with tqdm(total=end, desc=desc, disable=not progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen, device="cpu")
             for b in range(steps_per_epoch):
+                if len(history) == end:
+                    break
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 with autocast(dev, amp):
                     loss = loss_fn(idx)
@@ -156,11 +161,13 @@ def train_simclr(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     augment: dict | None = None,
+    stop_at: int | None = None,
 ) -> list[float]:
     """SimCLR-pretrain ``encoder`` in place on ``images (N, 3, H, W)`` in [0, 1]; return the loss per step.
 
     ``augment`` holds keyword arguments of :class:`~nemu_lib.augment.SimCLRAugment` that replace its defaults
-    (e.g. ``{"scale": (0.4, 1.0), "p_blur": 0.8}``); ``None`` keeps them all.
+    (e.g. ``{"scale": (0.4, 1.0), "p_blur": 0.8}``); ``None`` keeps them all. ``stop_at``: only the first steps of
+    the run (:func:`fit`).
     """
     _check_unit_images(images)
     dev = next(encoder.parameters()).device
@@ -175,10 +182,11 @@ def train_simclr(
         return nt_xent(p1, p2, temperature)
 
     steps = epochs * (len(images) // min(batch_size, len(images)))
+    steps = steps if stop_at is None else min(steps, stop_at)
     announce(f"SimCLR, {steps} steps of {2 * batch_size} views", forward_gflops(encoder, images[:1].to(dev)),
              train_images=steps * 2 * batch_size, calls=steps, device=dev)
     return fit(model, loss_fn, len(images), epochs, batch_size, lr, seed=seed, desc="SimCLR",
-               progress=progress, callback=callback)
+               progress=progress, callback=callback, stop_at=stop_at)
 
 
 def train_supervised(

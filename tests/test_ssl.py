@@ -493,6 +493,14 @@ def test_fit_is_deterministic():
     assert not torch.equal(a.weight, c.weight)
 
 
+def test_fit_stop_at_retraces_the_first_steps_of_the_whole_run():
+    _, whole, _ = _fit_linear(seed=3, epochs=6)
+    _, first, calls = _fit_linear(seed=3, epochs=6, stop_at=7)
+    assert len(whole) == 24 and first == whole[:7] and len(calls) == 7  # same batches, same schedule
+    _, beyond, _ = _fit_linear(seed=3, epochs=6, stop_at=100)
+    assert beyond == whole
+
+
 @pytest.mark.parametrize(("n", "epochs", "batch_size"), [(10, 0, 4), (0, 1, 4), (10, 1, 0)])
 def test_fit_nothing_to_train(n, epochs, batch_size):
     """BUG for n=0 or batch_size=0: ``n // min(batch_size, n)`` divides by zero before the ValueError."""
