@@ -82,8 +82,34 @@ def gather(folder: Path) -> dict:
     return {d.name: {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} for d in _profiles(folder)}
 
 
+TIMING_WORDS = ("second", "speedup", "time", "per_s")  # keys of measured durations: they differ from run to run
+
+
+def differences(a: object, b: object, key: str = "") -> list[str]:
+    """Where two results (``results.json`` contents) differ, as ``"key.sub: a -> b"``, timings left out.
+
+    A run's timings (keys naming seconds, speed-ups or times) always move; every other number repeats when the
+    models are the same (the shipped reference models) on the same machine.
+
+    >>> differences({"probe": 0.33, "seconds": 4.0}, {"probe": 0.33, "seconds": 5.1})
+    []
+    """
+    if any(word in key.rsplit(".", 1)[-1] for word in TIMING_WORDS):
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in {**a, **b} for d in differences(a.get(k), b.get(k), f"{key}.{k}".lstrip("."))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{key}[{i}]")]
+    return [] if a == b else [f"{key}: {a!r} -> {b!r}"]
+
+
 def main(argv: list[str] | None = None) -> None:
+    """``python -m nemu_lib.results [FOLDER]`` writes the summary; ``--compare A.json B.json`` lists differences."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--compare"]:
+        found = differences(*(json.loads(Path(f).read_text()) for f in argv[1:3]))
+        print("\n".join(found) or f"{argv[1]} and {argv[2]} agree (timings left out)")
+        sys.exit(1 if found else 0)
     folder = Path(argv[0]) if argv else outputs_dir()
     text = summarize(folder)
     atomic_write(folder / "results.md", lambda f: f.write(text.encode()))

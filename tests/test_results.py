@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from nemu_lib import results
 
 
@@ -47,3 +49,23 @@ def test_a_notebook_reads_another_notebooks_record_of_its_own_profile(tmp_path, 
     assert results.recorded("03_nemu", "cpu") == {"mask_mass_share_over_chance": 2.4}
     assert results.recorded("03_nemu", "gpu") == {"mask_mass_share_over_chance": 3.1}
     assert results.record_path("03_nemu", "cpu") == tmp_path / "results" / "cpu" / "03_nemu.json"
+
+
+def test_differences_leave_out_timings_and_find_every_other_change(capsys, tmp_path):
+    a = {"cpu": {"04": {"values": {"simclr": {"table": [{"method": "RELAX", "seconds_per_image": 0.3, "r": 0.9}],
+                                              "speedup_nemu_vs_relax": 2000.0}, "probe": 0.33, "time_s": 1}}}}
+    b = json.loads(json.dumps(a))
+    b["cpu"]["04"]["values"]["simclr"]["table"][0]["seconds_per_image"] = 0.4
+    b["cpu"]["04"]["values"]["simclr"]["speedup_nemu_vs_relax"] = 1800.0
+    assert results.differences(a, b) == []
+    b["cpu"]["04"]["values"]["simclr"]["table"][0]["r"] = 0.91
+    b["cpu"]["04"]["values"]["probe"] = 0.34
+    assert sorted(results.differences(a, b)) == ["cpu.04.values.probe: 0.33 -> 0.34",
+                                                 "cpu.04.values.simclr.table[0].r: 0.9 -> 0.91"]
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    for f, d in zip(files, (a, b), strict=True):
+        f.write_text(json.dumps(d))
+    with pytest.raises(SystemExit) as stop:
+        results.main(["--compare", *map(str, files)])
+    assert stop.value.code == 1
+    assert "probe: 0.33 -> 0.34" in capsys.readouterr().out
