@@ -11,7 +11,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup run test lint lab clean
+.PHONY: setup run reference test lint lab clean
 
 setup: $(STAMP)
 
@@ -22,18 +22,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The notebook series end to end (profile: NEMU_PROFILE, default cpu here) -> outputs/.
-# A notebook whose assertions fail does not stop the series (each runs alone); the failures are listed
-# at the end and make the target fail.
+# The notebook series end to end (profile: NEMU_PROFILE, default cpu here) -> outputs/ (nemu_lib/series.py).
+# It prints each notebook's expected time, the section running (at most every 10 s), its measured time and
+# ok / FAILED; a failing notebook does not stop the series, but makes the target fail at the end. The table
+# of times: outputs/run-summary.{md,json}; the results: outputs/results.md. NEMU_RETRAIN=1 trains every model
+# here instead of loading the shipped reference models. Options: RUN_ARGS, e.g. RUN_ARGS="--only 02,03".
 run: setup
-	mkdir -p outputs/notebooks
-	failed=""; for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  NEMU_BATCH=1 $(BIN)/papermill --kernel python3 --cwd notebooks $$nb outputs/notebooks/$$(basename $$nb) \
-	    || failed="$$failed $$(basename $$nb)"; \
-	done; \
-	$(BIN)/python -m nemu_lib.results outputs; \
-	if [ -n "$$failed" ]; then echo "FAILED:$$failed (executed copies with the error in outputs/notebooks/)"; exit 1; fi
+	$(BIN)/python -m nemu_lib.series $(RUN_ARGS)
+
+# Retrain every reference model from scratch (cpu profile, seed 0: the series with NEMU_RETRAIN=1 in a fresh
+# outputs folder, ~30 min on 2 cores), then rewrite data/reference and its manifest (nemu_lib.reference).
+REFERENCE_RUN := outputs/reference-build
+reference: setup
+	rm -rf $(REFERENCE_RUN)
+	NEMU_PROFILE=cpu NEMU_RETRAIN=1 NEMU_OUTPUTS=$(CURDIR)/$(REFERENCE_RUN) $(BIN)/python -m nemu_lib.series
+	$(BIN)/python -m nemu_lib.reference collect $(REFERENCE_RUN) --dest data/reference
 
 # Unit tests, then every notebook in the smoke profile under nbval.
 test: setup
@@ -47,10 +50,22 @@ lint: setup
 	$(BIN)/nbstripout --verify $(NOTEBOOKS)
 
 lab: setup
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf outputs/smoke .pytest_cache
+
+# The course website in outputs/site (docs/build.py, Sphinx + myst-nb): README, the notebooks (the executed copies of
+# the last `make run` in outputs/notebooks when present, else as committed), outputs/results.md and the API reference.
+# Warnings are errors. View it: python -m http.server -d outputs/site. `make test` builds it from the committed
+# notebooks (tests/test_site.py). site-check: headless Chromium loads notebook 02's page (MathJax typeset, images
+# loaded) and saves a screenshot in outputs/site-check/; it needs `apt-get install -y chromium`, so CI does not run it.
+.PHONY: site site-check
+site: setup
+	$(BIN)/python docs/build.py $(SITE_ARGS)
+
+site-check: site
+	$(BIN)/python docs/site_check.py $(SITE_CHECK_ARGS)
 
 # On a GPU: pytest with CUDA, every notebook (smoke), a torchrun kill-and-resume and the benches on cuda, one
 # summary line per step (scripts/gpu_check.py; outputs/gpu-check/summary.json). No `setup` here: it runs the

@@ -235,7 +235,7 @@ def collect(run: str | os.PathLike, dest: str | os.PathLike | None = None, profi
     summary = Path(summary or run / "run-summary.json")
     seconds = {}
     if summary.is_file():
-        seconds = {nb["name"]: nb["seconds"] for nb in json.loads(summary.read_text())["notebooks"]}
+        seconds = {nb["name"]: nb["measured_seconds"] for nb in json.loads(summary.read_text())["notebooks"]}
     files: dict[str, dict] = {}
     if dest.exists():
         shutil.rmtree(dest)

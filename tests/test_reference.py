@@ -34,7 +34,7 @@ def _fake_run(run: Path, profile: str = "cpu") -> Path:
     (run / "results" / profile / "01_encoders.json").write_text(
         json.dumps({"values": {"simclr_linear_probe": 0.325, "simclr_knn": 0.3, "random_knn": 0.2}}))
     (run / "run-summary.json").write_text(json.dumps(
-        {"notebooks": [{"name": "01_self_supervised_encoders", "seconds": 300.0}]}))
+        {"notebooks": [{"name": "01_self_supervised_encoders", "measured_seconds": 300.0}]}))
     return path
 
 
