@@ -21,6 +21,15 @@ torch.set_num_threads(1)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
+@pytest.fixture(autouse=True)
+def references_as_in_a_new_process(monkeypatch) -> None:
+    """Each test starts as a new kernel would: no notebook has chosen for or against the reference models yet
+    (``nemu_lib.notebook.setup`` sets that per process), so ``NEMU_RETRAIN`` decides."""
+    from nemu_lib import reference
+
+    monkeypatch.setattr(reference, "_enabled", None)
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
     """A fresh outputs folder per test module (set NEMU_OUTPUTS to it): trained models shared by its tests."""

@@ -31,7 +31,8 @@ def test_every_notebook_starts_with_the_same_short_setup_cell():
     for path in NOTEBOOKS:
         cell = _first_cell(path)
         assert cell.startswith(first), path.name
-        assert cell[len(first):].strip() == f'P, dev, out = setup(profile, seed, "{path.stem}")', path.name
+        setup_line = f'P, dev, out = setup(profile, seed, "{path.stem}", retrain=retrain)'
+        assert cell[len(first):].strip() == setup_line, path.name
         assert len(cell.splitlines()) <= 12, path.name
 
 
