@@ -82,7 +82,10 @@ def test_a_retrained_decoder_reuses_the_saved_encoder_maps(result, outputs, monk
 
     monkeypatch.setattr(report, "pretrained_nemu", retrained)
     again = report.evaluate_encoder("random", "smoke", device="cpu", progress=False)
-    assert path.stat().st_mtime_ns == stamp  # RELAX and the other encoder-only methods did not run again
+    assert path.stat().st_mtime_ns == stamp  # RELAX did not run again
+    saved = torch.load(path, weights_only=True)
+    assert set(saved["maps"]) == {*report.SAVED_METHODS, "RELAX uncertainty"}  # the one-pass maps are not saved
+    assert set(saved["random_maps"]) == set(report.SAVED_METHODS)
     assert not torch.equal(again.maps["NEM-U"], result.maps["NEM-U"])
     assert not torch.equal(again.scores["NEM-U"]["relevance_mass"], result.scores["NEM-U"]["relevance_mass"])
     for method in report.ENCODER_METHODS:
