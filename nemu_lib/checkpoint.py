@@ -72,6 +72,26 @@ def load_checkpoint(
     return ckpt
 
 
+def restore_optimizer(ckpt: Mapping, optimizer: torch.optim.Optimizer, total_steps: int, path: Path) -> None:
+    """Load a training checkpoint's ``optimizer`` state; a finished run's checkpoint may do without one.
+
+    The shipped reference models (:mod:`nemu_lib.reference`) keep a finished run's weights, schedule, random state
+    and history but not the optimiser's moments (two thirds of the file): nothing is left to train with them.
+    """
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    elif ckpt["step"] < total_steps:
+        raise ValueError(f"{path} holds no optimiser state, so its run cannot go on from step {ckpt['step']} of "
+                         f"{total_steps}: delete it to train anew")
+
+
+def finished(ckpt: Mapping) -> dict:
+    """``ckpt`` without its optimiser state when its run is finished (step = the configured steps), else as it is."""
+    steps = ckpt.get("config", {}).get("train", {}).get("steps")
+    done = "optimizer" in ckpt and steps is not None and ckpt.get("step") == steps
+    return {k: v for k, v in ckpt.items() if not (done and k == "optimizer")}
+
+
 class CheckpointMismatch(ValueError):
     """A checkpoint whose ``config`` differs from what the caller expects; ``changes`` lists each difference
     as ``"training.epochs: 12 -> 20"`` (the checkpoint's value, then the expected one)."""

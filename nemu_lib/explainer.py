@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .budget import announce, forward_gflops
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import autocast, grad_scaler, module_device
 from .dissection import _layer_index, layer_names
 from .encoders import Encoder
@@ -312,7 +312,7 @@ def train_explainer(
     if resume:
         ckpt = load_checkpoint(path, expect=config, map_location=dev)
         explainer.load_state_dict(ckpt["explainer"], strict=False)
-        opt.load_state_dict(ckpt["optimizer"])
+        restore_optimizer(ckpt, opt, cfg.steps, path)
         sched.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])

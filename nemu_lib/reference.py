@@ -37,7 +37,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .checkpoint import CheckpointMismatch, atomic_write, load_checkpoint
+from .checkpoint import CheckpointMismatch, atomic_write, finished, load_checkpoint, save_checkpoint
 from .config import REPO_ROOT, outputs_dir
 
 MANIFEST = "manifest.json"
@@ -247,9 +247,9 @@ def collect(run: str | os.PathLike, dest: str | os.PathLike | None = None, profi
         figures = {k.format(kind=found["kind"]): values[k.format(kind=found["kind"])] for k in keys
                    if k.format(kind=found["kind"]) in values}
         target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(found["path"], target)
-        config = load_checkpoint(target)["config"]
+        ckpt = load_checkpoint(found["path"])
+        save_checkpoint(finished(ckpt), target)  # a finished run ships without its optimiser state
+        config = ckpt["config"]
         files[rel] = {"file": rel, "what": spec["what"].format(kind=found["kind"], name=found["name"]),
                       "family": found["family"], "sha256": sha256(target), "bytes": target.stat().st_size,
                       "fingerprint": fingerprint(config, GENERATOR_VERSION), "config": config,

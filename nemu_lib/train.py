@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .budget import NEMU_PASSES, announce, forward_gflops
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import autocast, grad_scaler, module_device
 from .encoders import Encoder
 from .nem import NEMU, OBJECTIVES, build_objective, encoder_fingerprint
@@ -257,7 +257,7 @@ def train(
     if resume:
         ckpt = load_checkpoint(path, expect=config, map_location=dev)
         decoder.load_state_dict(ckpt["decoder"])
-        opt.load_state_dict(ckpt["optimizer"])
+        restore_optimizer(ckpt, opt, cfg.steps, path)
         sched.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler") and scaler.is_enabled():  # fp16's loss scale (bf16 / fp32 runs save an empty one)
             scaler.load_state_dict(ckpt["scaler"])

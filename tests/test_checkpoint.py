@@ -181,3 +181,23 @@ def test_not_a_nemu_checkpoint(tmp_path):
 def test_map_location(tmp_path):
     path = save_checkpoint({"config": {}, "t": torch.ones(2)}, tmp_path / "m.pt")
     assert load_checkpoint(path, map_location="cpu")["t"].device == torch.device("cpu")
+
+
+def test_a_finished_run_needs_no_optimiser_state_an_unfinished_one_does(tmp_path):
+    from nemu_lib.checkpoint import finished, restore_optimizer
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    ckpt = {"config": {"train": {"steps": 10}}, "optimizer": opt.state_dict(), "step": 10}
+    assert "optimizer" not in finished(ckpt) and finished(ckpt)["step"] == 10
+    assert finished({**ckpt, "step": 4}) == {**ckpt, "step": 4}  # interrupted: kept whole
+    assert finished({"config": {}, "state": 1}) == {"config": {}, "state": 1}  # not a training checkpoint
+    fresh = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters())
+    restore_optimizer(finished(ckpt), fresh, 10, tmp_path / "c.pt")  # nothing left to train: no state needed
+    assert not fresh.state
+    restore_optimizer(ckpt, fresh, 10, tmp_path / "c.pt")
+    assert fresh.state  # the moments came back
+    with pytest.raises(ValueError, match="cannot go on from step 4 of 10"):
+        restore_optimizer({"step": 4}, fresh, 10, tmp_path / "c.pt")

@@ -30,6 +30,9 @@ def _fake_run(run: Path, profile: str = "cpu") -> Path:
     """A finished run's outputs folder with one encoder checkpoint, its results record and run summary."""
     path = run / "encoders" / f"simclr-{profile}-seed0.pt"
     save_checkpoint({"config": {"kind": "simclr", "epochs": 20}, "state_dict": {"w": torch.arange(4.0)}}, path)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    save_checkpoint({"config": {"train": {"steps": 5}}, "decoder": {"w": torch.ones(3)}, "optimizer": opt.state_dict(),
+                     "step": 5, "history": {"loss": [1.0]}}, run / "nemu" / f"simclr-nem-{profile}" / "checkpoint.pt")
     (run / "results" / profile).mkdir(parents=True)
     (run / "results" / profile / "01_encoders.json").write_text(
         json.dumps({"values": {"simclr_linear_probe": 0.325, "simclr_knn": 0.3, "random_knn": 0.2}}))
@@ -42,13 +45,16 @@ def test_collect_writes_hashes_sizes_fingerprints_figures_and_times(fresh):
     trained = _fake_run(fresh / "run")
     m = reference.collect(fresh / "run", fresh / "ref")
     e = m["files"]["encoders/simclr-cpu-seed0.pt"]
-    assert e["sha256"] == reference.sha256(trained) and e["bytes"] == trained.stat().st_size == m["bytes"]
+    assert e["sha256"] == reference.sha256(fresh / "ref" / e["file"]) and e["bytes"] == trained.stat().st_size
     assert e["fingerprint"] == reference.fingerprint({"kind": "simclr", "epochs": 20})
     assert e["fingerprint"] != reference.fingerprint({"kind": "simclr", "epochs": 20}, generator_version=999)
     assert e["figures"] == {"simclr_linear_probe": 0.325, "simclr_knn": 0.3}  # its own figures, not random's
     assert e["notebook_seconds"] == 300.0 and e["what"] == "simclr encoder"
     assert (m["profile"], m["seed"]) == ("cpu", 0)
     assert json.loads((fresh / "ref" / reference.MANIFEST).read_text())["files"].keys() == m["files"].keys()
+    decoder = torch.load(fresh / "ref" / "nemu" / "simclr-nem-cpu" / "checkpoint.pt", weights_only=True)
+    assert "optimizer" not in decoder and decoder["step"] == 5  # a finished run ships without optimiser state
+    assert m["files"]["nemu/simclr-nem-cpu/checkpoint.pt"]["what"] == "NEM-U decoder simclr-nem-cpu"
 
 
 def test_adopt_copies_a_matching_reference_once_and_says_so(fresh, capsys):

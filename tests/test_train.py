@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from nemu_lib import train as train_module
-from nemu_lib.checkpoint import load_checkpoint
+from nemu_lib.checkpoint import finished, load_checkpoint, save_checkpoint
 from nemu_lib.encoders import SmallResNet
 from nemu_lib.nem import NEMU
 from nemu_lib.train import CHECKPOINT, TrainConfig, load_nemu, train, validation_loss
@@ -52,6 +52,25 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, objective):
     for k, w in _weights(full).items():
         assert torch.equal(w, resumed.decoder.state_dict()[k]), k
     assert h_resumed == h_full and len(h_full["loss"]) == 6 and h_full["val_step"] == [3, 6]
+
+
+def test_a_finished_run_without_optimiser_state_loads_as_it_was_trained(tmp_path):
+    """What a shipped reference decoder is (nemu_lib.reference): the finished checkpoint, optimiser state dropped."""
+    encoder, x = _encoder(), _data()
+    full = _model(encoder)
+    h_full = train(full, x, None, CFG, tmp_path / "run", progress=False)
+    path = tmp_path / "run" / CHECKPOINT
+    save_checkpoint(finished(load_checkpoint(path)), path)
+    assert "optimizer" not in load_checkpoint(path)
+    loaded = _model(encoder)
+    assert train(loaded, x, None, CFG, tmp_path / "run", resume=True, progress=False) == h_full
+    for k, w in _weights(full).items():
+        assert torch.equal(w, loaded.decoder.state_dict()[k]), k
+    train(_model(encoder), x, None, CFG, tmp_path / "part", stop_at=3, progress=False)
+    part = tmp_path / "part" / CHECKPOINT
+    save_checkpoint({k: v for k, v in load_checkpoint(part).items() if k != "optimizer"}, part)
+    with pytest.raises(ValueError, match="cannot go on from step 3 of 6"):  # going on needs the optimiser's moments
+        train(_model(encoder), x, None, CFG, tmp_path / "part", resume=True, progress=False)
 
 
 def test_relax_run_names_its_statistics_and_beats_the_images_mean(tmp_path):
