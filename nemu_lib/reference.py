@@ -3,21 +3,22 @@
 A course run retrains nothing it does not need to: everything the ``cpu`` profile trains for seed 0 (the SimCLR,
 supervised and random encoders, the NEM-U decoders, the explainers, notebook 07's CNN and ViT) and the costly
 reference RELAX maps of notebook 04 are committed under ``data/reference/`` (the one folder of the repository
-that holds binaries), laid out as they lie in ``outputs/``::
+that holds binaries), laid out as they lie in ``outputs/`` and packed with xz (RELAX's smooth maps to a third)::
 
-    data/reference/manifest.json                       what each file is, its SHA-256, size and fingerprint
-    data/reference/encoders/simclr-cpu-seed0.pt        -> outputs/encoders/simclr-cpu-seed0.pt
-    data/reference/nemu/simclr-nem-cpu/checkpoint.pt   -> outputs/nemu/simclr-nem-cpu/checkpoint.pt
+    data/reference/manifest.json                          what each file is, its SHA-256, size and fingerprint
+    data/reference/encoders/simclr-cpu-seed0.pt.xz        -> outputs/encoders/simclr-cpu-seed0.pt
+    data/reference/nemu/simclr-nem-cpu/checkpoint.pt.xz   -> outputs/nemu/simclr-nem-cpu/checkpoint.pt
 
 Every load-or-train function calls :func:`adopt` with the path it would load and the settings it expects: when
-nothing was trained there yet and a shipped file matches those settings, its bytes are copied into place (after
-checking the SHA-256) and the loader finds it as if it had trained it; one line says so. ``use=False`` (the
-notebooks' ``retrain=True``, ``NEMU_RETRAIN=1 make run``) trains everything here instead: a copy of a shipped
-file in ``outputs/`` is recognised by its hash and removed, while a model this run trained itself is kept.
+nothing was trained there yet and a shipped file matches those settings, it is checked against its SHA-256 and
+unpacked into place (a ``weights_only``-loadable checkpoint), and the loader finds it as if it had trained it; one
+line says so. A finished run ships without its optimiser state (:func:`nemu_lib.checkpoint.finished`). With
+``use=False`` (the notebooks' ``retrain=True``, ``NEMU_RETRAIN=1 make run``) everything is trained here instead: a
+copy of a shipped file in ``outputs/`` is recognised by its hash and removed; a model this run trained is kept.
 
-The manifest records, for each file: where it goes, its SHA-256 and size, the checkpoint's ``config`` and its
-fingerprint (the config with the Shapes generator's version), the notebook that trains it and how long that
-notebook took when the references were built, and the headline figures the model gave then. ``make
+The manifest records, for each file: where it goes, its SHA-256 and size (packed and unpacked), the checkpoint's
+``config`` and its fingerprint (the config with the Shapes generator's version), the notebook that trains it and
+how long that notebook took when the references were built, and the headline figures the model gave then. ``make
 reference`` retrains them all (``NEMU_RETRAIN=1`` into a fresh outputs folder) and rewrites the folder with
 :func:`collect`; ``tests/test_reference.py`` fails when a shipped fingerprint no longer matches what the code
 would train.
@@ -30,37 +31,68 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
+import lzma
 import os
 import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .checkpoint import CheckpointMismatch, atomic_write, finished, load_checkpoint, save_checkpoint
+import torch
+
+from .budget import expected_time
+from .checkpoint import CheckpointMismatch, atomic_write, finished, load_checkpoint
 from .config import REPO_ROOT, outputs_dir
 
 MANIFEST = "manifest.json"
 PROFILE, SEED = "cpu", 0  # what the shipped models were trained for
 MAX_BYTES = 25 * 2**20  # the repository's budget for them
 
-# What `collect` takes from a finished run (outputs-relative globs), which notebook trains it, and the results
-# (record name, keys) that are its headline figures. `{p}` is the profile, `{s}` the seed.
+# What `collect` takes from a finished run (outputs-relative globs, `{p}` the profile, `{s}` the seed), which notebook
+# trains it, and its headline figures: (results record, keys), `{kind}` the encoder (or notebook 07's model) it
+# belongs to, a dot for a nested key.
 FAMILIES: dict[str, dict] = {
     "encoder": {"glob": "encoders/{kind}-{p}-seed{s}.pt", "kinds": ("simclr", "supervised", "random"),
                 "notebook": "01_self_supervised_encoders", "what": "{kind} encoder",
                 "figures": ("01_encoders", ("{kind}_linear_probe", "{kind}_knn"))},
     "nemu": {"glob": "nemu/*-{p}/checkpoint.pt", "notebook": "03_nemu", "what": "NEM-U decoder {name}",
-             "figures": ("03_nemu", ())},
+             "figures": ("04_evaluation", ("{kind}.nemu_worth_n_masks",))},
     "evaluation": {"glob": "evaluation/*-{p}-seed{s}.pt", "notebook": "04_evaluating_explanations",
-                   "what": "reference RELAX maps {name}", "figures": ("04_evaluation", ())},
+                   "what": "reference RELAX maps {name}",
+                   "figures": ("04_evaluation", ("{kind}.relax_noise_ceiling_pearson",
+                                                 "{kind}.sanity_median_spearman"))},
     "explainer": {"glob": "explainers/*-{p}-*-seed{s}/checkpoint.pt", "notebook": "06_explainer_networks",
-                  "what": "explainer {name}", "figures": ("06_explainer_networks", ())},
+                  "what": "explainer {name}",
+                  "figures": ("06_explainer_networks", ("{kind}_instability_explainer", "{kind}_instability_performer",
+                                                        "{kind}_cos_z"))},
     "own": {"glob": "encoders/own-*-{p}-seed{s}.pt", "notebook": "07_your_own_encoder", "what": "encoder {name}",
-            "figures": ("07_your_own_encoder", ())},
+            "figures": ("07_your_own_encoder", ("{kind}_probe",))},
     "own-nemu": {"glob": "nemu/own-*-{p}-seed{s}/checkpoint.pt", "notebook": "07_your_own_encoder",
-                 "what": "NEM-U decoder {name}", "figures": ("07_your_own_encoder", ())},
+                 "what": "NEM-U decoder {name}",
+                 "figures": ("07_your_own_encoder", ("{kind}_nemu_sim", "{kind}_nemu_area",
+                                                     "{kind}_nemu_relax_pearson"))},
 }
+
+
+def _owner(family: str, name: str) -> str:
+    """The encoder (or notebook 07's model, ``cnn`` / ``vit``) a file of ``family`` called ``name`` belongs to."""
+    if family == "own":
+        return "vit" if name.startswith("own-vit") else "cnn"
+    return name.split("-")[1] if family == "own-nemu" else name.split("-")[0]
+
+
+def _figures(values: dict, keys: tuple[str, ...], kind: str) -> dict:
+    """``values[key]`` for each key template (``{kind}`` filled in, dots for nested keys) that the record holds."""
+    out = {}
+    for template in keys:
+        key, found = template.format(kind=kind), values
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if found is not None:
+            out[key] = found
+    return out
 
 
 def reference_dir() -> Path:
@@ -115,9 +147,17 @@ def entry(path: str | os.PathLike) -> dict | None:
 
 
 def is_reference_copy(path: str | os.PathLike) -> bool:
-    """Whether the file at ``path`` is byte for byte the shipped reference for it."""
+    """Whether the file at ``path`` is byte for byte the shipped reference for it (unpacked)."""
     e = entry(path)
-    return e is not None and Path(path).is_file() and sha256(path) == e["sha256"]
+    return e is not None and Path(path).is_file() and sha256(path) == e["unpacked_sha256"]
+
+
+def load(rel: str, directory: Path | None = None) -> dict:
+    """The shipped checkpoint for the outputs file ``rel`` (e.g. ``"encoders/simclr-cpu-seed0.pt"``), unpacked and
+    loaded with ``weights_only=True``."""
+    directory = directory or reference_dir()
+    e = manifest(directory)["files"][rel]
+    return torch.load(io.BytesIO(lzma.decompress((directory / e["file"]).read_bytes())), weights_only=True)
 
 
 _enabled: bool | None = None  # set_enabled's choice for this process; None: from NEMU_RETRAIN
@@ -160,21 +200,22 @@ def adopt(path: str | os.PathLike, expect: Mapping | None = None, use: bool | No
     if path.exists():  # trained here, or adopted before: the loader checks its settings
         return False
     source = reference_dir() / e["file"]
-    if sha256(source) != e["sha256"]:
+    packed = source.read_bytes()
+    if hashlib.sha256(packed).hexdigest() != e["sha256"]:
         raise ValueError(f"{source} does not match its SHA-256 in {MANIFEST}: restore it (git checkout "
                          "data/reference) or rebuild the references with `make reference`")
+    atomic_write(path, lambda f: f.write(lzma.decompress(packed)))
     if expect:
         try:
-            load_checkpoint(source, expect=expect)
+            load_checkpoint(path, expect=expect)
         except CheckpointMismatch as err:
+            path.unlink()
             print(f"not using the reference {e['what']}: it was trained with other settings "
                   f"({'; '.join(err.changes)}); training it here")
             return False
-    with open(source, "rb") as src:
-        atomic_write(path, lambda f: shutil.copyfileobj(src, f))
-    took = e.get("notebook_seconds")
-    cost = f" (notebook {e['notebook'][:2]} took {took / 60:.1f} min with it)" if took else ""
-    print(f"using the reference {e['what']}, {_shown(source)}; retrain=True trains it here{cost}")
+    cost = expected_time(e["notebook"], manifest()["profile"], "cpu")
+    print(f"using the reference {e['what']}, {_shown(source)}; retrain=True trains it here (notebook "
+          f"{e['notebook'][:2]}: {cost})")
     return True
 
 
@@ -216,7 +257,7 @@ def _family_entries(run: Path, profile: str, seed: int) -> dict[str, dict]:
                 if family == "nemu" and rel.startswith("nemu/own-"):
                     continue  # notebook 07's decoders: their own family
                 name = path.parent.name if path.name == "checkpoint.pt" else path.stem
-                found[rel] = {"family": family, "kind": kind, "name": name, "path": path}
+                found[rel] = {"family": family, "kind": kind or _owner(family, name), "name": name, "path": path}
     return found
 
 
@@ -244,19 +285,21 @@ def collect(run: str | os.PathLike, dest: str | os.PathLike | None = None, profi
         record, keys = spec["figures"]
         record_file = run / "results" / profile / f"{record}.json"
         values = json.loads(record_file.read_text())["values"] if record_file.is_file() else {}
-        figures = {k.format(kind=found["kind"]): values[k.format(kind=found["kind"])] for k in keys
-                   if k.format(kind=found["kind"]) in values}
-        target = dest / rel
+        figures = _figures(values, keys, found["kind"])
         ckpt = load_checkpoint(found["path"])
-        save_checkpoint(finished(ckpt), target)  # a finished run ships without its optimiser state
+        unpacked = io.BytesIO()
+        torch.save(finished(ckpt), unpacked)  # a finished run ships without its optimiser state
+        target = dest / f"{rel}.xz"  # xz: RELAX's smooth maps pack to a third, weights to ~90 %
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(lzma.compress(unpacked.getvalue(), preset=9))
         config = ckpt["config"]
-        files[rel] = {"file": rel, "what": spec["what"].format(kind=found["kind"], name=found["name"]),
+        files[rel] = {"file": f"{rel}.xz", "unpacked_sha256": hashlib.sha256(unpacked.getvalue()).hexdigest(),
+                      "unpacked_bytes": len(unpacked.getvalue()),
+                      "what": spec["what"].format(kind=found["kind"], name=found["name"]),
                       "family": found["family"], "sha256": sha256(target), "bytes": target.stat().st_size,
                       "fingerprint": fingerprint(config, GENERATOR_VERSION), "config": config,
                       "notebook": spec["notebook"], "notebook_seconds": seconds.get(spec["notebook"]),
                       "figures": figures}
-    import torch
-
     payload = {"profile": profile, "seed": seed, "generator_version": GENERATOR_VERSION,
                "torch": torch.__version__, "bytes": sum(f["bytes"] for f in files.values()), "files": files}
     if payload["bytes"] > MAX_BYTES:

@@ -14,16 +14,16 @@ import torch
 import torchvision
 from torch import nn
 
-from nemu_lib.checkpoint import load_checkpoint
+from nemu_lib import reference
 from nemu_lib.config import REPO_ROOT, get_profile
 from nemu_lib.data import SHAPES_MEAN, SHAPES_STD
-from nemu_lib.encoders import Encoder
+from nemu_lib.encoders import Encoder, build_encoder
 from nemu_lib.explainer import Explainer, ExplainerConfig
 from nemu_lib.explainer import checkpoint_config as explainer_config
 from nemu_lib.nem import NEMU
 from nemu_lib.report import cache_key, random_encoder_like
 from nemu_lib.runs import RUN_NAMES, profile_config
-from nemu_lib.ssl import encoder_config, load_encoder
+from nemu_lib.ssl import encoder_config
 from nemu_lib.train import checkpoint_config
 from nemu_lib.vit import vit_tiny
 
@@ -49,7 +49,7 @@ def own_encoders(folder: Path, profile_name: str, seed: int) -> dict[str, Encode
     encoders["vit"] = (f"vit-{nb['vit']}", vit_tiny(image_size=size, patch_size=8))
     out = {}
     for label, (name, encoder) in encoders.items():
-        state = load_checkpoint(folder / "encoders" / f"own-{name}-{profile_name}-seed{seed}.pt")["state"]
+        state = reference.load(f"encoders/own-{name}-{profile_name}-seed{seed}.pt", folder)["state"]
         encoder.load_state_dict(state)
         out[label] = encoder.eval()
     return out
@@ -58,8 +58,11 @@ def own_encoders(folder: Path, profile_name: str, seed: int) -> dict[str, Encode
 def expected_configs(folder: Path, manifest: dict) -> dict[str, dict]:
     """``{file: config}`` for every entry of ``manifest``, as the code would record it now."""
     p, seed = get_profile(manifest["profile"]), manifest["seed"]
-    small = {kind: load_encoder(folder / "encoders" / f"{kind}-{p.name}-seed{seed}.pt")
-             for kind in ("simclr", "supervised", "random")}
+    small = {}
+    for kind in ("simclr", "supervised", "random"):
+        ckpt = reference.load(f"encoders/{kind}-{p.name}-seed{seed}.pt", folder)
+        small[kind] = build_encoder(**ckpt["config"]["encoder"])
+        small[kind].load_state_dict(ckpt["state_dict"])
     own = own_encoders(folder, p.name, seed)
     nb06, nb07 = notebook_defaults("06_explainer_networks"), notebook_defaults("07_your_own_encoder")
     expected = {}

@@ -45,14 +45,16 @@ def test_collect_writes_hashes_sizes_fingerprints_figures_and_times(fresh):
     trained = _fake_run(fresh / "run")
     m = reference.collect(fresh / "run", fresh / "ref")
     e = m["files"]["encoders/simclr-cpu-seed0.pt"]
-    assert e["sha256"] == reference.sha256(fresh / "ref" / e["file"]) and e["bytes"] == trained.stat().st_size
+    assert e["file"] == "encoders/simclr-cpu-seed0.pt.xz" and e["sha256"] == reference.sha256(fresh / "ref" / e["file"])
+    assert e["unpacked_sha256"] == reference.sha256(trained)  # no optimiser to drop: the file as trained
+    assert e["bytes"] == (fresh / "ref" / e["file"]).stat().st_size
     assert e["fingerprint"] == reference.fingerprint({"kind": "simclr", "epochs": 20})
     assert e["fingerprint"] != reference.fingerprint({"kind": "simclr", "epochs": 20}, generator_version=999)
     assert e["figures"] == {"simclr_linear_probe": 0.325, "simclr_knn": 0.3}  # its own figures, not random's
     assert e["notebook_seconds"] == 300.0 and e["what"] == "simclr encoder"
     assert (m["profile"], m["seed"]) == ("cpu", 0)
     assert json.loads((fresh / "ref" / reference.MANIFEST).read_text())["files"].keys() == m["files"].keys()
-    decoder = torch.load(fresh / "ref" / "nemu" / "simclr-nem-cpu" / "checkpoint.pt", weights_only=True)
+    decoder = reference.load("nemu/simclr-nem-cpu/checkpoint.pt", fresh / "ref")
     assert "optimizer" not in decoder and decoder["step"] == 5  # a finished run ships without optimiser state
     assert m["files"]["nemu/simclr-nem-cpu/checkpoint.pt"]["what"] == "NEM-U decoder simclr-nem-cpu"
 
@@ -76,7 +78,7 @@ def test_adopt_refuses_other_settings_and_damaged_files(fresh, capsys):
     target = fresh / "out" / "encoders" / "simclr-cpu-seed0.pt"
     assert not reference.adopt(target, expect={"epochs": 12})
     assert "trained with other settings (epochs: 20 -> 12)" in capsys.readouterr().out and not target.exists()
-    shipped = fresh / "ref" / "encoders" / "simclr-cpu-seed0.pt"
+    shipped = fresh / "ref" / "encoders" / "simclr-cpu-seed0.pt.xz"
     shipped.write_bytes(shipped.read_bytes() + b"\0")
     with pytest.raises(ValueError, match="does not match its SHA-256"):
         reference.adopt(target)
