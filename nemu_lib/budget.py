@@ -249,16 +249,16 @@ MEASURED = {
 
 
 # With the shipped reference models (nemu_lib.reference: the cpu profile, seed 0), nothing is trained: measured on the
-# same 2-core CPU, a fresh clone's `NEMU_PROFILE=cpu make run`.
+# same 2-core CPU, a fresh clone's `NEMU_PROFILE=cpu make run` (2026-12-07: 5:19 for the series).
 MEASURED_WITH_REFERENCE = {
     "00_setup_and_data": "~20 s on a 2-core CPU",
-    "01_self_supervised_encoders": "~1 min on a 2-core CPU with the reference encoders",
-    "02_relax": "~1.5 min on a 2-core CPU",
-    "03_nemu": "~1 min on a 2-core CPU with the reference decoders",
-    "04_evaluating_explanations": "~1.6 min on a 2-core CPU with the reference decoders and RELAX maps",
-    "05_network_dissection": "~1 min on a 2-core CPU",
-    "06_explainer_networks": "~1 min on a 2-core CPU with the reference explainers",
-    "07_your_own_encoder": "~40 s on a 2-core CPU with the reference CNN, ViT and decoders",
+    "01_self_supervised_encoders": "~40 s on a 2-core CPU with the reference encoders (~6.5 min training them)",
+    "02_relax": "~1 min on a 2-core CPU",
+    "03_nemu": "~40 s on a 2-core CPU with the reference decoders (~5.5 min training them)",
+    "04_evaluating_explanations": "~1 min on a 2-core CPU with the reference decoders and RELAX maps (~8 min without)",
+    "05_network_dissection": "~40 s on a 2-core CPU",
+    "06_explainer_networks": "~35 s on a 2-core CPU with the reference explainers (~2 min training them)",
+    "07_your_own_encoder": "~35 s on a 2-core CPU with the reference CNN, ViT and decoders (~5 min training them)",
 }
 
 
