@@ -82,7 +82,9 @@ def gather(folder: Path) -> dict:
     return {d.name: {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} for d in _profiles(folder)}
 
 
-TIMING_WORDS = ("second", "speedup", "time", "per_s")  # keys of measured durations: they differ from run to run
+# Keys of measured durations and of ratios between them: they differ from run to run (seconds_per_image, speedup_*,
+# train_seconds_*, ms_per_masked_copy, latency_*, nemu_over_encoder, cnn_relax_over_nemu, ...)
+TIMING_WORDS = ("second", "speedup", "time", "per_s", "ms_per", "latency", "over_encoder", "relax_over_nemu")
 
 
 def differences(a: object, b: object, key: str = "") -> list[str]:

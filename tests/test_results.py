@@ -53,11 +53,16 @@ def test_a_notebook_reads_another_notebooks_record_of_its_own_profile(tmp_path, 
 
 def test_differences_leave_out_timings_and_find_every_other_change(capsys, tmp_path):
     a = {"cpu": {"04": {"values": {"simclr": {"table": [{"method": "RELAX", "seconds_per_image": 0.3, "r": 0.9}],
-                                              "speedup_nemu_vs_relax": 2000.0}, "probe": 0.33, "time_s": 1}}}}
+                                              "speedup_nemu_vs_relax": 2000.0}, "probe": 0.33, "time_s": 1,
+                       "latency_nemu_single_image": 0.002, "nemu_over_encoder": 1.3, "mask_inside_over_outside": 3.2}}}}
     b = json.loads(json.dumps(a))
     b["cpu"]["04"]["values"]["simclr"]["table"][0]["seconds_per_image"] = 0.4
     b["cpu"]["04"]["values"]["simclr"]["speedup_nemu_vs_relax"] = 1800.0
+    b["cpu"]["04"]["values"].update(latency_nemu_single_image=0.003, nemu_over_encoder=1.1)
     assert results.differences(a, b) == []
+    b["cpu"]["04"]["values"]["mask_inside_over_outside"] = 3.3  # a ratio of two results, not of two timings
+    assert results.differences(a, b) == ["cpu.04.values.mask_inside_over_outside: 3.2 -> 3.3"]
+    b["cpu"]["04"]["values"]["mask_inside_over_outside"] = 3.2
     b["cpu"]["04"]["values"]["simclr"]["table"][0]["r"] = 0.91
     b["cpu"]["04"]["values"]["probe"] = 0.34
     assert sorted(results.differences(a, b)) == ["cpu.04.values.probe: 0.33 -> 0.34",
