@@ -18,6 +18,7 @@ times measured on a 2-core laptop (tests/test_budget.py checks it).
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -260,6 +261,12 @@ MEASURED_WITH_REFERENCE = {
     "06_explainer_networks": "~35 s on a 2-core CPU with the reference explainers (~2 min training them)",
     "07_your_own_encoder": "~35 s on a 2-core CPU with the reference CNN, ViT and decoders (~5 min training them)",
 }
+
+
+def short_expected(text: str) -> str:
+    """The duration an :func:`nemu_lib.budget.expected_time` text starts with: ``"~5.5 min"`` of
+    ``"~5.5 min on an idle 2-core CPU the first time (...)"``; ``"well under a minute"`` stays whole."""
+    return re.split(r" on | \(|, |; ", text, maxsplit=1)[0]
 
 
 def expected_time(notebook: str, profile: object = None, device: str | torch.device | None = None,

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .budget import expected_time
+from .budget import expected_time, short_expected
 from .checkpoint import CheckpointMismatch, atomic_write, finished, load_checkpoint
 from .config import REPO_ROOT, outputs_dir
 
@@ -60,7 +60,7 @@ FAMILIES: dict[str, dict] = {
     "nemu": {"glob": "nemu/*-{p}/checkpoint.pt", "notebook": "03_nemu", "what": "NEM-U decoder {name}",
              "figures": ("04_evaluation", ("{kind}.nemu_worth_n_masks",))},
     "evaluation": {"glob": "evaluation/*-{p}-seed{s}.pt", "notebook": "04_evaluating_explanations",
-                   "what": "reference RELAX maps {name}",
+                   "what": "RELAX maps {name}",
                    "figures": ("04_evaluation", ("{kind}.relax_noise_ceiling_pearson",
                                                  "{kind}.sanity_median_spearman"))},
     "explainer": {"glob": "explainers/*-{p}-*-seed{s}/checkpoint.pt", "notebook": "06_explainer_networks",
@@ -213,9 +213,9 @@ def adopt(path: str | os.PathLike, expect: Mapping | None = None, use: bool | No
             print(f"not using the reference {e['what']}: it was trained with other settings "
                   f"({'; '.join(err.changes)}); training it here")
             return False
-    cost = expected_time(e["notebook"], manifest()["profile"], "cpu")
-    print(f"using the reference {e['what']}, {_shown(source)}; retrain=True trains it here (notebook "
-          f"{e['notebook'][:2]}: {cost})")
+    cost = short_expected(expected_time(e["notebook"], manifest()["profile"], "cpu"))
+    print(f"using the reference {e['what']} ({_shown(source)}); retrain=True trains it here (notebook "
+          f"{e['notebook'][:2]}: {cost} on a 2-core CPU)")
     return True
 
 

@@ -41,6 +41,7 @@ from nbformat import NotebookNode
 from papermill.exceptions import PapermillExecutionError
 
 from . import budget, reference, results
+from .budget import short_expected
 from .checkpoint import atomic_write
 from .config import device, get_profile, outputs_dir, project_root
 
@@ -61,12 +62,6 @@ def clock(seconds: float) -> str:
     """Elapsed time as a clock shows it: ``"1:40"``, ``"1:02:03"``."""
     s = round(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def short_expected(text: str) -> str:
-    """The duration an :func:`nemu_lib.budget.expected_time` text starts with: ``"~5.5 min"`` of
-    ``"~5.5 min on an idle 2-core CPU the first time (...)"``; ``"well under a minute"`` stays whole."""
-    return re.split(r" on | \(|, |; ", text, maxsplit=1)[0]
 
 
 def expected_seconds(text: str) -> float | None:
