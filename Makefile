@@ -31,7 +31,8 @@ run: setup
 	$(BIN)/python -m nemu_lib.series $(RUN_ARGS)
 
 # Retrain every reference model from scratch (cpu profile, seed 0: the series with NEMU_RETRAIN=1 in a fresh
-# outputs folder, ~30 min on 2 cores), then rewrite data/reference and its manifest (nemu_lib.reference).
+# outputs folder: 26 min on 2 cores), then rewrite data/reference and its manifest (nemu_lib.reference). A notebook
+# that fails stops it before anything is rewritten.
 REFERENCE_RUN := outputs/reference-build
 reference: setup
 	rm -rf $(REFERENCE_RUN)
