@@ -194,7 +194,7 @@ def adopt(path: str | os.PathLike, expect: Mapping | None = None, use: bool | No
     if e is None:
         return False
     if not (enabled() if use is None else use):
-        if is_reference_copy(path):
+        if path.is_file() and sha256(path) == e["unpacked_sha256"]:  # a copy of the reference: train it here
             path.unlink()
         return False
     if path.exists():  # trained here, or adopted before: the loader checks its settings
@@ -241,8 +241,7 @@ def status(profile: str, seed: int = 0, retrain: bool | None = None) -> tuple[bo
     if (profile, seed) != (shipped["profile"], shipped["seed"]):
         return False, (f"reference models exist for the {shipped['profile']} profile, seed {shipped['seed']} only: "
                        "every model is trained here")
-    size = sum(e["bytes"] for e in files.values()) / 2**20
-    return True, f"reference models: {_shown(reference_dir())} ({len(files)} files, {size:.1f} MB)"
+    return True, f"reference models: {_shown(reference_dir())} ({len(files)} files, {shipped['bytes'] / 2**20:.1f} MB)"
 
 
 def _family_entries(run: Path, profile: str, seed: int) -> dict[str, dict]:
