@@ -20,6 +20,7 @@ from torch.testing import assert_close
 
 from nemu_lib import augment, evaluation, metrics, ssl
 from nemu_lib.baselines import label_free_gradient, label_free_integrated_gradients
+from nemu_lib.checkpoint import finished, load_checkpoint, save_checkpoint
 from nemu_lib.data import ShapesScenes, concept_masks, normalize
 from nemu_lib.dissection import dissect
 from nemu_lib.encoders import SmallResNet
@@ -113,6 +114,20 @@ def test_fit_under_autocast():
     assert set(_changed(before, model)) == set(before)  # every weight and bias moved
 
 
+def test_fit_stop_at_retraces_under_autocast():
+    """Notebook 01's retrace (the first steps of a run, stop_at) under bf16: the same losses as the whole run's."""
+    x, y = _images(8), torch.randn(8, 1, generator=torch.Generator().manual_seed(2))
+    histories = []
+    for stop_at in (None, 3):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+        with bf16(), output_dtypes(model[0]) as seen:
+            histories.append(ssl.fit(model, lambda idx, m=model: nn.functional.mse_loss(m(x[idx]).float(), y[idx]),
+                                     8, epochs=3, batch_size=4, lr=1e-2, progress=False, stop_at=stop_at))
+        assert set(seen) == {torch.bfloat16}
+    assert len(histories[0]) == 6 and histories[1] == histories[0][:3]
+
+
 # ------------------------------------------------------------------------------------------------- NEM-U
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -131,6 +146,14 @@ def test_nemu_training_under_autocast(tmp_path, objective):
     assert all(p.dtype == torch.float32 for p in model.decoder.parameters())
     loaded = load_nemu(tmp_path / CHECKPOINT, encoder)
     assert_close(loaded.decoder.state_dict(), model.decoder.state_dict(), atol=0, rtol=0)
+    # the finished run as it ships (no optimiser state) loads under autocast too, training nothing more
+    save_checkpoint(finished(load_checkpoint(tmp_path / CHECKPOINT)), tmp_path / CHECKPOINT)
+    torch.manual_seed(1)
+    again = NEMU(encoder, uncertainty=objective == "relax")
+    with bf16():
+        resumed = train(again, _images(8), _images(4, seed=2), cfg, tmp_path, val_every=2, resume=True, progress=False)
+    assert resumed == history
+    assert_close(again.decoder.state_dict(), model.decoder.state_dict(), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
