@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import evaluation, launch, metrics, relax, ssl, train
 from .checkpoint import atomic_write
@@ -42,6 +41,7 @@ from .config import PROFILES, Profile, get_profile, outputs_dir
 from .config import device as default_device
 from .data import normalize
 from .evaluation import describe_worth
+from .progress import tqdm
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

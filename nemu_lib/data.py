@@ -20,9 +20,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .config import Profile, get_profile
+from .progress import tqdm
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 COLOURS = {

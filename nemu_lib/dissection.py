@@ -36,12 +36,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .budget import announce, forward_gflops
 from .config import module_device
 from .data import concept_names
 from .encoders import Encoder, SmallResNet, TorchvisionResNet
+from .progress import tqdm
 
 
 def layer_names(encoder: Encoder) -> tuple[str, ...]:

@@ -34,11 +34,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import metrics
 from .baselines import label_free_gradient, label_free_integrated_gradients, random_map
 from .nem import NEMU
+from .progress import tqdm
 from .relax import RelaxResult, relax
 
 METHODS = ("NEM-U", "NEM-U contrastive", "amortised RELAX", "RELAX", "U-RELAX", "label-free gradient",

@@ -53,7 +53,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .budget import announce, forward_gflops
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
@@ -61,6 +60,7 @@ from .config import autocast, grad_scaler, module_device
 from .dissection import _layer_index, layer_names
 from .encoders import Encoder
 from .nem import encoder_fingerprint
+from .progress import tqdm
 from .train import CHECKPOINT, _batches, _optimizer, _rng_state, _schedule, _set_rng_state
 
 BETA = 4.0  # the templates' fall-off (ICNN)

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import ssl
 from .checkpoint import atomic_write
@@ -30,6 +29,7 @@ from .config import device as default_device
 from .data import NormalizedImages, ShapesScenes, load_split
 from .encoders import PRETRAINED, Encoder, WeightsUnavailableError, load_pretrained
 from .nem import NEMU, OBJECTIVES
+from .progress import tqdm
 from .real_data import DatasetUnavailableError, load_real_dataset
 from .runs import profile_config
 from .train import CHECKPOINT, TrainConfig, rank_world, train

@@ -14,10 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .data import normalize
 from .encoders import Encoder
+from .progress import tqdm
 
 
 @torch.inference_mode()

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .budget import announce, forward_gflops
 from .checks import check_images
 from .masks import mask_batches
+from .progress import tqdm
 
 Similarity = Callable[[Tensor, Tensor], Tensor]  # (n, D), (n, D) -> (n,)
 

@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import data
 from .checkpoint import atomic_write
 from .config import outputs_dir
+from .progress import tqdm
 
 FORMAT_VERSION = 1  # layout of the cache file itself (encoding of fields); bump when it changes
 ENV_SWITCH = "NEMU_SCENE_CACHE"  # "0" (or "false", "no", "off") turns the disk cache off

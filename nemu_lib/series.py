@@ -40,14 +40,16 @@ import papermill
 from nbformat import NotebookNode
 from papermill.exceptions import PapermillExecutionError
 
-from . import budget, reference, results
+from . import budget, prose, reference, results
 from .budget import short_expected
 from .checkpoint import atomic_write
 from .config import device, get_profile, outputs_dir, project_root
+from .progress import PROGRESS_ENV
 
 HEADING = re.compile(r"^#{1,2}\s+(.+?)\s*$")  # a level-1 or level-2 Markdown heading
 DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|min|h)\b")  # "~5.5 min", "~15 s", "~3.4 h"
 UNIT_SECONDS = {"s": 1, "min": 60, "h": 3600}
+PROSE_PROFILE = "cpu"  # the profile whose run (seed 0, the reference models) the notebooks' text quotes
 REPEAT_EVERY = 6  # heartbeats: a section that goes on is named again every 6 intervals (a minute by default)
 
 Echo = Callable[[str], None]
@@ -204,6 +206,7 @@ def run_series(paths: list[Path], profile: str, retrain: bool, out: Path, heartb
     """Run ``paths`` in order in ``profile`` (set as ``NEMU_PROFILE`` for the kernels), saying where it is;
     rewrite the run summary in ``out`` after each notebook. Return one :class:`NotebookRun` per notebook."""
     os.environ.update(NEMU_PROFILE=profile, NEMU_BATCH="1")
+    os.environ.setdefault(PROGRESS_ENV, "final")  # saved outputs hold one line per progress bar, no widget state
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     if retrain:
         os.environ["NEMU_RETRAIN"] = "1"
@@ -249,13 +252,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)
     out = outputs_dir()
     start = time.monotonic()
-    runs = run_series(paths, get_profile(args.profile).name, args.retrain, out, args.heartbeat)
+    profile_name = get_profile(args.profile).name
+    runs = run_series(paths, profile_name, args.retrain, out, args.heartbeat)
     echo(f"\n{summary_table(runs)}(also in {out / 'run-summary.md'} and run-summary.json)\n")
     results.main([str(out)])
     failed = [r.name for r in runs if not r.ok]
+    prose_ok = check_prose(out, [r.name for r in runs if r.ok], profile_name)
     echo(f"series: {len(runs) - len(failed)} ok, {len(failed)} failed in {clock(time.monotonic() - start)}"
          + (f": FAILED {', '.join(failed)} (executed copies with the error in {out / 'notebooks'})" if failed else ""))
-    return 1 if failed else 0
+    return 1 if failed or not prose_ok else 0
+
+
+def check_prose(out: Path, names: list[str], profile: str, echo: Echo = echo) -> bool:
+    """Check the figures the markdown of notebooks ``names`` quotes against their run (:mod:`nemu_lib.prose`);
+    print what is missing. False when a figure is missing from a run in :data:`PROSE_PROFILE`, the profile the
+    text is written against (in another profile, the run's figures differ and are only reported)."""
+    checked, missing = prose.check_run(out, names)
+    for m in missing:
+        echo(f"prose: {m}")
+    echo(f"prose numbers: {checked - len(missing)} of {checked} figures the text quotes were found in the run"
+         + ("" if not missing else f"; {len(missing)} not (above)"
+            + ("" if profile == PROSE_PROFILE else f", expected: the text quotes the {PROSE_PROFILE} profile's run")))
+    return not missing or profile != PROSE_PROFILE
 
 
 if __name__ == "__main__":

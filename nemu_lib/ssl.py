@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import reference
 from .augment import SimCLRAugment
@@ -34,6 +33,7 @@ from .config import Profile, autocast, get_profile, grad_scaler, outputs_dir, se
 from .config import device as default_device
 from .data import SHAPES, load_split
 from .encoders import Encoder, build_encoder
+from .progress import tqdm
 
 # ------------------------------------------------------------------------------------------ losses
 

@@ -38,13 +38,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from .budget import NEMU_PASSES, announce, forward_gflops
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import autocast, grad_scaler, module_device
 from .encoders import Encoder
 from .nem import NEMU, OBJECTIVES, build_objective, encoder_fingerprint
+from .progress import tqdm
 
 CHECKPOINT = "checkpoint.pt"
 
