@@ -1,6 +1,6 @@
 """NEM-U speed: one pass for ``(z, m)`` against the encoder alone (the limit) and RELAX with N = 3,000.
 
-Goals (DESIGN.md, "Metrics: speed"; the issue's numbers):
+Goals (the project's speed targets):
 
 - NEM-U ``(z, m) = NEMU(encoder)(x)`` costs at most 1.3x the encoder's own forward pass ``encoder(x)``;
 - NEM-U is at least 1,000x faster than RELAX with N = 3,000 masks per image.
@@ -52,7 +52,7 @@ Usage::
     python bench/nemu_speed.py --device cuda --channels-last --bf16
 
 Set ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184`` to take the glibc
-allocator's page faults out of large CPU batches (see DESIGN.md); the value in effect is printed.
+allocator's page faults out of large CPU batches (the Makefile sets it); the value in effect is printed.
 """
 
 from __future__ import annotations

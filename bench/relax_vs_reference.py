@@ -1,8 +1,7 @@
 """RELAX speed: ours (``nemu_lib.relax``) against the reference package ``relax-xai`` and the encoder floor.
 
 Goal: RELAX is bound by the encoder (N masks cost N forward passes), so ours should cost at most 1.1x the
-*floor*, N forward passes of the encoder alone at the same encoder batch size (DESIGN.md, "Performance
-notes").
+*floor*, N forward passes of the encoder alone at the same encoder batch size.
 
 Measured side by side in one process (absolute CPU timings move +-50 % between processes; compare the
 ratios), with alternating runs (the order floor / ours / reference rotates from repeat to repeat), the same
@@ -37,7 +36,7 @@ Usage::
     python bench/relax_vs_reference.py --cases resnet18 --device cuda
 
 Set ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184`` to take the glibc
-allocator's page faults out of large CPU batches (see DESIGN.md); the value in effect is printed.
+allocator's page faults out of large CPU batches (the Makefile sets it); the value in effect is printed.
 """
 
 from __future__ import annotations

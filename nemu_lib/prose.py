@@ -6,8 +6,8 @@ nowhere in what the run produced, within the precision the text quotes it to:
 
 - the quoted figures are the numbers with a decimal point (``0.55``), a percent sign (``75 %``), a "times"
   suffix (``5.56x``, ``1,118×``) or a thousands separator (``1,118``), outside code, maths and link targets.
-  Plain integers (section numbers, image sizes, years), arXiv identifiers and a paper's section numbers
-  (``§ 4.2``) are not checked, nor the
+  Plain integers (section numbers, image sizes, years), arXiv identifiers a paper's section numbers
+  (``§ 4.2``) and headings' numbers are not checked, nor the
   figures a cell lists as quoted from elsewhere in an HTML comment, ``<!-- quoted: 63,305; 1,197 -->`` (a
   paper's data set size: not something the run could produce);
 - a figure is sourced when a number of the run rounds to it at the quoted precision (``0.55`` is any value in
@@ -47,9 +47,11 @@ NUMBER = re.compile(
 NOT_PROSE = re.compile(
     r"```.*?```|`[^`\n]*`|\$\$.*?\$\$|(?<![\\$])\$[^$\n]+\$|<!--.*?-->|<[^>\n]+>|\]\([^)\s]*(?:\s+\"[^\"]*\")?\)",
     re.DOTALL)
-# Not figures: arXiv identifiers and a paper's section, equation, table or figure numbers ("§ 4.2", "Eq. 3.1").
+# Not figures: arXiv identifiers, a paper's section, equation, table or figure numbers ("§ 4.2", "Eq. 3.1"), and the
+# numbers of headings ("### 1.1 Sub-section").
 ARXIV = re.compile(r"arXiv[: ]\s*\d{4}\.\d{4,5}(?:v\d+)?"
-                   r"|(?:§|[Ss]ection|[Ee]q\.|Table|Fig\.|Figure|Appendix)\s*\d+(?:\.\d+)+", re.IGNORECASE)
+                   r"|(?:§|[Ss]ection|[Ee]q\.|Table|Fig\.|Figure|Appendix)\s*\d+(?:\.\d+)+"
+                   r"|^#+\s*\d+(?:\.\d+)*", re.IGNORECASE | re.MULTILINE)
 EXEMPT = re.compile(r"<!--\s*quoted:(?P<figures>.*?)-->", re.DOTALL)  # figures quoted from elsewhere
 TEXT_MIMES = ("text/plain", "text/markdown", "text/html", "text/latex")
 

@@ -147,7 +147,7 @@ GPU_VALUES_PER_CALL = 2**24  # masked input values per encoder call on a GPU (64
 def default_batch_size(x: Tensor) -> int:
     """Masks per encoder call for images like ``x``: 100 on a CPU, more on a GPU.
 
-    100 was best on a 2-core CPU (one 800-image call was 2x slower; see DESIGN.md) and is the reference
+    100 was best on a 2-core CPU (one 800-image call was 2x slower: bench/relax_vs_reference.py) and is the reference
     package's, so CPU maps match it mask for mask. A GPU is launch-bound at 100 small images: there the batch
     holds ~2^24 input values, capped at 1,000 masks (1,000 at 64 px, 111 at 224 px: a ResNet-50's activations
     for 111 images fit a 16 GB T4).

@@ -70,7 +70,8 @@ def run(notebooks: Path, tmp_path_factory) -> tuple[int, str, Path]:
     out = tmp_path_factory.mktemp("outputs")
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):  # the heartbeat thread's too
-        env = {"NEMU_OUTPUTS": str(out), "NEMU_RETRAIN": "1", "NEMU_PROFILE": "cpu", "NEMU_BATCH": "0"}
+        env = {"NEMU_OUTPUTS": str(out), "NEMU_RETRAIN": "1", "NEMU_PROFILE": "cpu", "NEMU_BATCH": "0",
+               "NEMU_PROGRESS": "final"}
         for name, value in env.items():
             mp.setenv(name, value)  # and restored afterwards: the runner sets NEMU_PROFILE and NEMU_BATCH
         mp.setattr(series.reference, "status", fake_status)
@@ -139,6 +140,27 @@ def test_summary_markdown_and_json(run):
     assert failed["expected_seconds"] == 60.0 and not failed["ok"]
     assert failed["error"] == "AssertionError: 1 + 1 is not 3 (section 1. Arithmetic)"
     assert (out / "results.md").is_file()  # nemu_lib.results ran
+
+
+def test_the_prose_check_runs_at_the_end(run):
+    _, printed, _ = run
+    assert any(line.startswith("prose numbers: ") for line in printed.splitlines()), printed
+
+
+@pytest.mark.parametrize(("profile", "ok"), [("cpu", False), ("gpu", True)])
+def test_a_wrong_figure_in_the_text_fails_only_the_profile_it_quotes(tmp_path, profile, ok):
+    (tmp_path / "notebooks").mkdir()
+    nb = {"cells": [{"cell_type": "code", "source": "print(0.55)", "outputs": [
+        {"output_type": "stream", "name": "stdout", "text": "0.55\n"}]},
+        {"cell_type": "markdown", "source": "They agree: r = 0.55, not −0.20."}]}
+    (tmp_path / "notebooks" / "07_x.ipynb").write_text(json.dumps(nb))
+    (tmp_path / "run-summary.json").write_text(json.dumps({"profile": profile}))
+    lines: list[str] = []
+    assert series.check_prose(tmp_path, ["07_x"], profile, echo=lines.append) is ok
+    assert lines[0].startswith("prose: 07_x cell 1: '−0.20'")
+    assert lines[-1].startswith("prose numbers: 1 of 2 figures the text quotes were found in the run; 1 not (above)")
+    assert ("cpu profile's run" in lines[-1]) is ok
+    assert series.check_prose(tmp_path, [], profile, echo=lines.append)  # only the notebooks that ran
 
 
 def test_parameters_only_when_retraining_and_declared(notebooks):
